@@ -1,0 +1,37 @@
+# One command to set up and test, one to run the demo. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: test test-quick demo bench lint proto clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+## Everything CI runs: generated-code drift, lint, types, every test.
+test: $(BIN)/.installed
+	scripts/gen_proto.sh --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q -p no:cacheprovider
+
+## Unit and property tests only (no processes).
+test-quick: $(BIN)/.installed
+	$(BIN)/pytest -q -m "not cluster"
+
+## A local three-node cluster doing real work, then stopped.
+demo: $(BIN)/.installed
+	$(BIN)/python -m cluster.demo
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/log_append.py
+
+proto: $(BIN)/.installed
+	scripts/gen_proto.sh
+
+clean:
+	rm -rf $(VENV)

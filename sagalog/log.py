@@ -1,0 +1,282 @@
+"""SagaLog: the replicated state machine's logic, over any KV.
+
+`apply_batch` is what every replica runs for every committed Raft entry. It
+validates the whole batch in order (each record against the state the records
+before it left), then writes once: the accepted records, the indexes, and the
+applied Raft index, in one atomic KV write. A record that breaks a rule is a
+REJECTED result, never an exception. A KV failure raises StoreError, which the
+caller turns into a fail-stop.
+
+Key layout (raw bytes, big-endian fixed-width numbers, so RocksDB's bytewise
+order is numeric order and the records of one saga are contiguous and in order):
+
+    M<name>                  meta: applied index, newest epoch, next saga number
+    I<saga id>               -> saga number (8 bytes): client ids map to fixed-width keys
+    S<saga no>               -> saga id (reverse map, for listing)
+    R<saga no><seq:4>        -> encoded Record, seq = 0, 1, 2, ... within the saga
+    F<saga no>               in-flight index: present from StartSaga until EndSaga
+    N<node id>               -> incarnation of a registered node
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from saga.v1 import log_pb2
+
+from sagalog import codec
+from sagalog.kv import KV
+from sagalog.transitions import Phase, SagaState, apply, decide
+
+META = b"M"
+IDS = b"I"
+NAMES = b"S"
+RECORDS = b"R"
+IN_FLIGHT = b"F"
+NODES = b"N"
+
+APPLIED_KEY = META + b"applied"
+EPOCH_KEY = META + b"epoch"
+NEXT_SAGA_KEY = META + b"next_saga"
+
+MAX_INCARNATION_BYTES = 64
+# Saga states kept decoded in memory, so that validating a record does not
+# re-read its saga from the store. Evicted states are re-folded from the store.
+STATE_CACHE_SIZE = 20_000
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+ACCEPTED = log_pb2.ACCEPTED
+DUPLICATE = log_pb2.DUPLICATE
+REJECTED = log_pb2.REJECTED
+
+
+def _u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+@dataclass
+class _Saga:
+    number: int
+    state: SagaState
+
+
+class SagaLog:
+    """The Saga Log over a KV. Not thread-safe for writers: one thread applies
+    (pysyncobj's); readers on other threads see each batch whole or not at all."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        self._cache: OrderedDict[str, _Saga] = OrderedDict()
+
+    # ---- the replicated entry point ------------------------------------------------
+
+    def apply_batch(self, data: bytes, raft_index: int) -> bytes:
+        """Apply one committed Raft entry. Returns an encoded BatchResult."""
+        result = log_pb2.BatchResult(raft_index=raft_index)
+        if raft_index <= self.applied_index():
+            # Journal replay after a restart: the store already holds this entry.
+            result.error = "already applied"
+            return result.SerializeToString()
+        records, error = codec.decode_batch(data)
+        ops: list[tuple[bytes, bytes | None]] = []
+        if error:
+            result.error = error
+        else:
+            self._validate(records, result, ops)
+        ops.append((APPLIED_KEY, _u64(raft_index)))
+        self.kv.write(ops)
+        return result.SerializeToString()
+
+    def _validate(
+        self,
+        records: list[log_pb2.Record],
+        result: log_pb2.BatchResult,
+        ops: list[tuple[bytes, bytes | None]],
+    ) -> None:
+        epoch = self.epoch()
+        next_saga = self._next_saga_number()
+        members: dict[str, bytes | None] = {}  # registry changes within this batch
+        for record in records:
+            body = codec.body_name(record)
+            if body == "epoch_start":
+                res, epoch = self._epoch(record, epoch, ops)
+            elif body in ("member", "forget_member"):
+                res = self._member(record, members, ops)
+            else:
+                res, next_saga = self._saga_record(record, epoch.number, next_saga, ops)
+            result.results.append(res)
+        ops.append((NEXT_SAGA_KEY, _u64(next_saga)))
+
+    def _epoch(
+        self, record: log_pb2.Record, current: log_pb2.Epoch, ops: list[tuple[bytes, bytes | None]]
+    ) -> tuple[log_pb2.RecordResult, log_pb2.Epoch]:
+        new = record.epoch_start
+        if new.number == current.number and new.node_id == current.node_id:
+            return log_pb2.RecordResult(verdict=DUPLICATE), current
+        if new.number <= current.number:
+            return _reject(
+                f"Epoch {new.number}: not newer than the current epoch {current.number}"
+            ), current
+        if record.epoch != new.number:
+            return _reject(
+                f"Epoch {new.number}: the record's epoch field says {record.epoch}"
+            ), current
+        if not new.node_id or len(new.node_id) > codec.MAX_NODE_ID_LEN:
+            return _reject("Epoch: the node id is empty or too long"), current
+        ops.append((EPOCH_KEY, new.SerializeToString(deterministic=True)))
+        return log_pb2.RecordResult(verdict=ACCEPTED), new
+
+    def _member(
+        self,
+        record: log_pb2.Record,
+        changes: dict[str, bytes | None],
+        ops: list[tuple[bytes, bytes | None]],
+    ) -> log_pb2.RecordResult:
+        if record.HasField("forget_member"):
+            node_id = record.forget_member.node_id
+            if not node_id or len(node_id) > codec.MAX_NODE_ID_LEN:
+                return _reject("ForgetMember: the node id is empty or too long")
+            changes[node_id] = None
+            ops.append((NODES + node_id.encode(), None))
+            return log_pb2.RecordResult(verdict=ACCEPTED)
+        node_id, incarnation = record.member.node_id, record.member.incarnation
+        if not node_id or len(node_id) > codec.MAX_NODE_ID_LEN:
+            return _reject("Member: the node id is empty or too long")
+        if not incarnation or len(incarnation) > MAX_INCARNATION_BYTES:
+            return _reject(f"Member: the incarnation must be 1..{MAX_INCARNATION_BYTES} bytes")
+        known = changes[node_id] if node_id in changes else self.kv.get(NODES + node_id.encode())
+        if known == incarnation:
+            return log_pb2.RecordResult(verdict=DUPLICATE)
+        if known is not None:
+            return _reject(
+                f"Member {node_id}: registered with incarnation {known.hex()}, not "
+                f"{incarnation.hex()}: its data directory was wiped or replaced. "
+                f"Run `sagactl cluster forget-node --id {node_id}` before re-adding it"
+            )
+        changes[node_id] = incarnation
+        ops.append((NODES + node_id.encode(), incarnation))
+        return log_pb2.RecordResult(verdict=ACCEPTED)
+
+    def _saga_record(
+        self,
+        record: log_pb2.Record,
+        epoch: int,
+        next_saga: int,
+        ops: list[tuple[bytes, bytes | None]],
+    ) -> tuple[log_pb2.RecordResult, int]:
+        id_error = codec.check_saga_id(record.saga_id)
+        if id_error:
+            return _reject(id_error), next_saga
+        decoded = codec.to_event(record)
+        if decoded.event is None:
+            return _reject(decoded.error), next_saga
+        event = decoded.event
+        saga = self._load(record.saga_id)
+        decision = decide(saga.state, event)
+        if decision.duplicate_of is not None:
+            return log_pb2.RecordResult(verdict=DUPLICATE, seq=decision.duplicate_of), next_saga
+        # Fencing: a deposed leader's records are refused once a newer epoch committed.
+        if record.epoch < epoch:
+            return _reject(
+                f"stale epoch {record.epoch}: epoch {epoch} has taken office (fenced)"
+            ), next_saga
+        if record.epoch > epoch:
+            return _reject(f"epoch {record.epoch} was never committed (current {epoch})"), next_saga
+        if not decision.accepted:
+            return _reject(decision.reason), next_saga
+        if saga.state.phase is Phase.NEW:
+            saga.number = next_saga
+            next_saga += 1
+            number = _u64(saga.number)
+            ops.append((IDS + record.saga_id.encode(), number))
+            ops.append((NAMES + number, record.saga_id.encode()))
+            ops.append((IN_FLIGHT + number, b""))
+        seq = saga.state.next_seq
+        apply(saga.state, event)
+        number = _u64(saga.number)
+        ops.append((RECORDS + number + _U32.pack(seq), codec.encode_record(record)))
+        if saga.state.phase is Phase.ENDED:
+            ops.append((IN_FLIGHT + number, None))
+        return log_pb2.RecordResult(verdict=ACCEPTED, seq=seq), next_saga
+
+    def _load(self, saga_id: str) -> _Saga:
+        saga = self._cache.get(saga_id)
+        if saga is not None:
+            self._cache.move_to_end(saga_id)
+            return saga
+        number = self.saga_number(saga_id)
+        state = SagaState()
+        if number is not None:
+            for _, value in self.kv.scan(RECORDS + _u64(number)):
+                event = codec.to_event(codec.decode_record(value)).event
+                assert event is not None, "a stored record failed to decode"
+                apply(state, event)
+        saga = _Saga(number if number is not None else -1, state)
+        self._cache[saga_id] = saga
+        if len(self._cache) > STATE_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return saga
+
+    # ---- reads ---------------------------------------------------------------------
+
+    def applied_index(self) -> int:
+        raw = self.kv.get(APPLIED_KEY)
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def epoch(self) -> log_pb2.Epoch:
+        epoch = log_pb2.Epoch()
+        raw = self.kv.get(EPOCH_KEY)
+        if raw:
+            epoch.ParseFromString(raw)
+        return epoch
+
+    def _next_saga_number(self) -> int:
+        raw = self.kv.get(NEXT_SAGA_KEY)
+        return _U64.unpack(raw)[0] if raw else 1
+
+    def saga_number(self, saga_id: str) -> int | None:
+        raw = self.kv.get(IDS + saga_id.encode())
+        return _U64.unpack(raw)[0] if raw else None
+
+    def records(self, saga_id: str) -> list[log_pb2.Record]:
+        """Every accepted record of the saga, in log order ([] for an unknown id)."""
+        number = self.saga_number(saga_id)
+        if number is None:
+            return []
+        return [codec.decode_record(v) for _, v in self.kv.scan(RECORDS + _u64(number))]
+
+    def in_flight(self) -> Iterator[str]:
+        """Ids of sagas with a StartSaga and no EndSaga: a range scan, not a full scan."""
+        for key, _ in self.kv.scan(IN_FLIGHT):
+            name = self.kv.get(NAMES + key[1:])
+            if name is not None:
+                yield name.decode()
+
+    def members(self) -> dict[str, bytes]:
+        return {k[1:].decode(): v for k, v in self.kv.scan(NODES)}
+
+    def digest(self) -> tuple[str, int, int]:
+        """(sha256 hex, record count, saga count) over everything but the applied index.
+
+        Two replicas that applied the same entries have equal digests."""
+        h = hashlib.sha256()
+        records = sagas = 0
+        for key, value in self.kv.scan(b""):
+            if key == APPLIED_KEY:
+                continue
+            h.update(_U32.pack(len(key)) + key + _U32.pack(len(value)) + value)
+            if key[:1] == RECORDS:
+                records += 1
+            elif key[:1] == IDS:
+                sagas += 1
+        return h.hexdigest(), records, sagas
+
+
+def _reject(reason: str) -> log_pb2.RecordResult:
+    return log_pb2.RecordResult(verdict=REJECTED, reason=reason)

@@ -1,0 +1,141 @@
+"""Constructors for log records. The proposer chooses epoch and time; apply never does."""
+
+from __future__ import annotations
+
+from saga.v1 import log_pb2
+
+
+def epoch(number: int, node_id: str, time_ms: int = 0) -> log_pb2.Record:
+    return log_pb2.Record(
+        epoch=number,
+        time_unix_ms=time_ms,
+        epoch_start=log_pb2.Epoch(number=number, node_id=node_id),
+    )
+
+
+def start_saga(
+    saga_id: str,
+    epoch: int,
+    definition: log_pb2.SagaDefinition,
+    payload: bytes = b"",
+    time_ms: int = 0,
+) -> log_pb2.Record:
+    return log_pb2.Record(
+        saga_id=saga_id,
+        epoch=epoch,
+        time_unix_ms=time_ms,
+        start_saga=log_pb2.StartSaga(definition=definition, payload=payload),
+    )
+
+
+def start_t(
+    saga_id: str, epoch: int, vertex: str, attempt: int, time_ms: int = 0
+) -> log_pb2.Record:
+    return log_pb2.Record(
+        saga_id=saga_id,
+        epoch=epoch,
+        time_unix_ms=time_ms,
+        start_t=log_pb2.StartT(vertex=vertex, attempt=attempt),
+    )
+
+
+def end_t(
+    saga_id: str, epoch: int, vertex: str, output: bytes = b"", time_ms: int = 0
+) -> log_pb2.Record:
+    return log_pb2.Record(
+        saga_id=saga_id,
+        epoch=epoch,
+        time_unix_ms=time_ms,
+        end_t=log_pb2.EndT(vertex=vertex, output=output),
+    )
+
+
+def fail_t(
+    saga_id: str,
+    epoch: int,
+    vertex: str,
+    error: str,
+    kind: int = log_pb2.BUSINESS,
+    time_ms: int = 0,
+) -> log_pb2.Record:
+    return log_pb2.Record(
+        saga_id=saga_id,
+        epoch=epoch,
+        time_unix_ms=time_ms,
+        fail_t=log_pb2.FailT(vertex=vertex, error=error, kind=kind),  # type: ignore[arg-type]
+    )
+
+
+def abort_saga(saga_id: str, epoch: int, reason: str, time_ms: int = 0) -> log_pb2.Record:
+    return log_pb2.Record(
+        saga_id=saga_id,
+        epoch=epoch,
+        time_unix_ms=time_ms,
+        abort_saga=log_pb2.AbortSaga(reason=reason),
+    )
+
+
+def start_c(
+    saga_id: str, epoch: int, vertex: str, attempt: int, time_ms: int = 0
+) -> log_pb2.Record:
+    return log_pb2.Record(
+        saga_id=saga_id,
+        epoch=epoch,
+        time_unix_ms=time_ms,
+        start_c=log_pb2.StartC(vertex=vertex, attempt=attempt),
+    )
+
+
+def end_c(
+    saga_id: str, epoch: int, vertex: str, resolved_by: str = "", time_ms: int = 0
+) -> log_pb2.Record:
+    return log_pb2.Record(
+        saga_id=saga_id,
+        epoch=epoch,
+        time_unix_ms=time_ms,
+        end_c=log_pb2.EndC(vertex=vertex, resolved_by=resolved_by),
+    )
+
+
+def stuck(saga_id: str, epoch: int, vertex: str, error: str, time_ms: int = 0) -> log_pb2.Record:
+    return log_pb2.Record(
+        saga_id=saga_id,
+        epoch=epoch,
+        time_unix_ms=time_ms,
+        stuck=log_pb2.Stuck(vertex=vertex, error=error),
+    )
+
+
+def end_saga(saga_id: str, epoch: int, outcome: int, time_ms: int = 0) -> log_pb2.Record:
+    return log_pb2.Record(
+        saga_id=saga_id,
+        epoch=epoch,
+        time_unix_ms=time_ms,
+        end_saga=log_pb2.EndSaga(outcome=outcome),  # type: ignore[arg-type]
+    )
+
+
+def member(node_id: str, incarnation: bytes) -> log_pb2.Record:
+    return log_pb2.Record(member=log_pb2.Member(node_id=node_id, incarnation=incarnation))
+
+
+def forget_member(node_id: str) -> log_pb2.Record:
+    return log_pb2.Record(forget_member=log_pb2.ForgetMember(node_id=node_id))
+
+
+def chain_definition(*names: str, endpoint: str = "127.0.0.1:1") -> log_pb2.SagaDefinition:
+    """A definition whose vertices run one after another (handy in tests and benches)."""
+    vertices = []
+    for i, name in enumerate(names):
+        vertices.append(
+            log_pb2.Vertex(
+                name=name,
+                endpoint=endpoint,
+                request=f"Do{name}",
+                compensation=f"Undo{name}",
+                depends_on=[names[i - 1]] if i else [],
+                timeout_ms=1000,
+                max_attempts=3,
+            )
+        )
+    return log_pb2.SagaDefinition(name="chain", vertices=vertices)

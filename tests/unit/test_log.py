@@ -1,0 +1,306 @@
+"""SagaLog over a KV: the replicated entry point's rules, and a model-based test."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from saga.v1 import log_pb2
+
+from sagalog import codec
+from sagalog import records as rec
+from sagalog.kv import MemoryKV
+from sagalog.log import SagaLog
+from sagalog.rocks import RocksKV
+from sagalog.transitions import SagaState, apply, decide
+
+DEF = rec.chain_definition("hotel", "pay")
+
+
+def apply_records(log: SagaLog, index: int, *records: log_pb2.Record) -> log_pb2.BatchResult:
+    result = log_pb2.BatchResult()
+    result.ParseFromString(log.apply_batch(codec.encode_batch(list(records)), index))
+    return result
+
+
+def fresh() -> SagaLog:
+    log = SagaLog(MemoryKV())
+    assert apply_records(log, 1, rec.epoch(1, "n1")).results[0].verdict == log_pb2.ACCEPTED
+    return log
+
+
+def verdicts(result: log_pb2.BatchResult) -> list[int]:
+    return [r.verdict for r in result.results]
+
+
+def test_a_whole_saga_applies_and_leaves_the_in_flight_index() -> None:
+    log = fresh()
+    result = apply_records(
+        log,
+        2,
+        rec.start_saga("s1", 1, DEF, b"pay"),
+        rec.start_t("s1", 1, "hotel", 1),
+        rec.end_t("s1", 1, "hotel", b"H-1"),
+    )
+    assert verdicts(result) == [log_pb2.ACCEPTED] * 3
+    assert [r.seq for r in result.results] == [0, 1, 2]
+    assert list(log.in_flight()) == ["s1"]
+    apply_records(
+        log,
+        3,
+        rec.start_t("s1", 1, "pay", 1),
+        rec.end_t("s1", 1, "pay"),
+        rec.end_saga("s1", 1, log_pb2.COMPLETED),
+    )
+    assert list(log.in_flight()) == []
+    assert [r.WhichOneof("body") for r in log.records("s1")] == [
+        "start_saga",
+        "start_t",
+        "end_t",
+        "start_t",
+        "end_t",
+        "end_saga",
+    ]
+    assert log.applied_index() == 3
+
+
+def test_a_batch_is_validated_in_order() -> None:
+    log = fresh()
+    # EndT before its StartT in the same batch is rejected; after it, accepted.
+    result = apply_records(
+        log,
+        2,
+        rec.end_t("s1", 1, "hotel"),
+        rec.start_saga("s1", 1, DEF),
+        rec.end_t("s1", 1, "hotel"),
+        rec.start_t("s1", 1, "hotel", 1),
+        rec.end_t("s1", 1, "hotel"),
+    )
+    assert verdicts(result) == [
+        log_pb2.REJECTED,
+        log_pb2.ACCEPTED,
+        log_pb2.REJECTED,
+        log_pb2.ACCEPTED,
+        log_pb2.ACCEPTED,
+    ]
+    assert "unknown saga" in result.results[0].reason
+
+
+def test_same_record_twice_is_accepted_once_and_answered_with_the_first_result() -> None:
+    log = fresh()
+    first = apply_records(log, 2, rec.start_saga("s1", 1, DEF, b"p"))
+    again = apply_records(log, 3, rec.start_saga("s1", 1, DEF, b"p"))
+    assert again.results[0].verdict == log_pb2.DUPLICATE
+    assert again.results[0].seq == first.results[0].seq == 0
+    assert len(log.records("s1")) == 1
+
+
+def test_start_saga_with_another_payload_under_the_same_id_is_a_conflict() -> None:
+    log = fresh()
+    apply_records(log, 2, rec.start_saga("s1", 1, DEF, b"p"))
+    result = apply_records(log, 3, rec.start_saga("s1", 1, DEF, b"other"))
+    assert result.results[0].verdict == log_pb2.REJECTED
+    assert "conflict" in result.results[0].reason
+
+
+def test_fencing_rejects_records_of_an_older_epoch() -> None:
+    log = fresh()
+    apply_records(log, 2, rec.start_saga("s1", 1, DEF))
+    assert apply_records(log, 3, rec.epoch(2, "n2")).results[0].verdict == log_pb2.ACCEPTED
+    stale = apply_records(log, 4, rec.start_t("s1", 1, "hotel", 1))
+    assert stale.results[0].verdict == log_pb2.REJECTED
+    assert "fenced" in stale.results[0].reason
+    future = apply_records(log, 5, rec.start_t("s1", 3, "hotel", 1))
+    assert "never committed" in future.results[0].reason
+    ok = apply_records(log, 6, rec.start_t("s1", 2, "hotel", 1))
+    assert ok.results[0].verdict == log_pb2.ACCEPTED
+    # A retried record of the old epoch that was applied before is still a duplicate.
+    assert apply_records(log, 7, rec.start_saga("s1", 1, DEF)).results[0].verdict == (
+        log_pb2.DUPLICATE
+    )
+
+
+def test_epochs_only_grow() -> None:
+    log = fresh()
+    assert apply_records(log, 2, rec.epoch(1, "n1")).results[0].verdict == log_pb2.DUPLICATE
+    assert apply_records(log, 3, rec.epoch(1, "n2")).results[0].verdict == log_pb2.REJECTED
+    assert log.epoch().node_id == "n1"
+
+
+def test_garbage_bytes_are_a_result_and_advance_the_applied_index() -> None:
+    log = fresh()
+    for i, junk in enumerate([b"\xff\xfe garbage", b"", b"\x08\x07"], start=2):
+        raw = log.apply_batch(junk, i)
+        result = log_pb2.BatchResult()
+        result.ParseFromString(raw)
+        assert result.error
+        assert log.applied_index() == i
+
+
+def test_bad_saga_ids_and_oversized_payloads_are_rejected() -> None:
+    log = fresh()
+    result = apply_records(
+        log,
+        2,
+        rec.start_saga("", 1, DEF),
+        rec.start_saga("x" * (codec.MAX_SAGA_ID_LEN + 1), 1, DEF),
+        rec.start_saga("bad id!", 1, DEF),
+        rec.start_saga("s1", 1, DEF, b"x" * (codec.MAX_PAYLOAD_BYTES + 1)),
+    )
+    assert verdicts(result) == [log_pb2.REJECTED] * 4
+    assert "limit" in result.results[3].reason
+
+
+def test_replayed_entries_change_nothing() -> None:
+    log = fresh()
+    apply_records(log, 2, rec.start_saga("s1", 1, DEF))
+    before = log.digest()
+    result = apply_records(log, 2, rec.start_saga("s2", 1, DEF))
+    assert result.error == "already applied"
+    assert log.digest() == before
+
+
+def test_member_registry_refuses_a_new_incarnation_until_forgotten() -> None:
+    log = fresh()
+    assert apply_records(log, 2, rec.member("n2", b"A")).results[0].verdict == log_pb2.ACCEPTED
+    assert apply_records(log, 3, rec.member("n2", b"A")).results[0].verdict == log_pb2.DUPLICATE
+    refused = apply_records(log, 4, rec.member("n2", b"B")).results[0]
+    assert refused.verdict == log_pb2.REJECTED and "forget-node" in refused.reason
+    apply_records(log, 5, rec.forget_member("n2"))
+    assert apply_records(log, 6, rec.member("n2", b"B")).results[0].verdict == log_pb2.ACCEPTED
+
+
+# ---- model-based: RocksDB store + SagaLog, with close/reopen and replay, against a dict ----
+
+SAGAS = ["s1", "s2", "s3"]
+VERTICES = ["hotel", "pay"]
+
+record_strategy = st.one_of(
+    st.builds(lambda s, e: rec.start_saga(s, e, DEF), st.sampled_from(SAGAS), st.integers(0, 3)),
+    st.builds(
+        lambda s, e, v, a: rec.start_t(s, e, v, a),
+        st.sampled_from(SAGAS),
+        st.integers(0, 3),
+        st.sampled_from(VERTICES),
+        st.integers(1, 2),
+    ),
+    st.builds(
+        lambda s, e, v, o: rec.end_t(s, e, v, o),
+        st.sampled_from(SAGAS),
+        st.integers(0, 3),
+        st.sampled_from(VERTICES),
+        st.sampled_from([b"", b"x"]),
+    ),
+    st.builds(
+        lambda s, e, v: rec.fail_t(s, e, v, "no"),
+        st.sampled_from(SAGAS),
+        st.integers(0, 3),
+        st.sampled_from(VERTICES),
+    ),
+    st.builds(lambda s, e: rec.abort_saga(s, e, "user"), st.sampled_from(SAGAS), st.integers(0, 3)),
+    st.builds(
+        lambda s, e, v, a: rec.start_c(s, e, v, a),
+        st.sampled_from(SAGAS),
+        st.integers(0, 3),
+        st.sampled_from(VERTICES),
+        st.integers(1, 2),
+    ),
+    st.builds(
+        lambda s, e, v: rec.end_c(s, e, v),
+        st.sampled_from(SAGAS),
+        st.integers(0, 3),
+        st.sampled_from(VERTICES),
+    ),
+    st.builds(
+        lambda s, e, o: rec.end_saga(s, e, o),
+        st.sampled_from(SAGAS),
+        st.integers(0, 3),
+        st.sampled_from([log_pb2.COMPLETED, log_pb2.ABORTED]),
+    ),
+    st.builds(lambda n: rec.epoch(n, "n1"), st.integers(1, 3)),
+)
+
+
+class LogModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp()
+        self.kv = RocksKV(self.dir + "/db")
+        self.log = SagaLog(self.kv)
+        self.journal: list[bytes] = []  # every committed entry, as Raft would replay it
+        self.model: dict[str, tuple[SagaState, list[bytes]]] = {}
+        self.epoch = 0
+
+    def teardown(self) -> None:
+        self.kv.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def expected(self, record: log_pb2.Record) -> tuple[int, int]:
+        """(verdict, seq) by the dictionary model."""
+        if record.HasField("epoch_start"):
+            n = record.epoch_start.number
+            if n == self.epoch:
+                return log_pb2.DUPLICATE, 0
+            if n < self.epoch:
+                return log_pb2.REJECTED, 0
+            self.epoch = n
+            return log_pb2.ACCEPTED, 0
+        state, stored = self.model.setdefault(record.saga_id, (SagaState(), []))
+        event = codec.to_event(record).event
+        assert event is not None
+        decision = decide(state, event)
+        if decision.duplicate_of is not None:
+            return log_pb2.DUPLICATE, decision.duplicate_of
+        if record.epoch != self.epoch or not decision.accepted:
+            return log_pb2.REJECTED, 0
+        apply(state, event)
+        stored.append(codec.encode_record(record))
+        return log_pb2.ACCEPTED, len(stored) - 1
+
+    @rule(records=st.lists(record_strategy, min_size=1, max_size=6))
+    def commit(self, records: list[log_pb2.Record]) -> None:
+        data = codec.encode_batch(records)
+        self.journal.append(data)
+        result = log_pb2.BatchResult()
+        result.ParseFromString(self.log.apply_batch(data, len(self.journal)))
+        for record, got in zip(records, result.results, strict=True):
+            verdict, seq = self.expected(record)
+            assert got.verdict == verdict, (record, got)
+            if verdict != log_pb2.REJECTED and not record.HasField("epoch_start"):
+                assert got.seq == seq
+
+    @rule(junk=st.binary(max_size=20))
+    def commit_garbage(self, junk: bytes) -> None:
+        self.journal.append(junk)
+        self.log.apply_batch(junk, len(self.journal))
+
+    @precondition(lambda self: self.journal)
+    @rule()
+    def restart_and_replay(self) -> None:
+        """Close, reopen, and replay the whole journal as pysyncobj does at start-up."""
+        self.kv.close()
+        self.kv = RocksKV(self.dir + "/db")
+        self.log = SagaLog(self.kv)
+        for index, data in enumerate(self.journal, start=1):
+            self.log.apply_batch(data, index)
+
+    @invariant()
+    def store_matches_model(self) -> None:
+        assert self.log.applied_index() == len(self.journal)
+        assert self.log.epoch().number == self.epoch
+        for saga_id, (_state, stored) in self.model.items():
+            got = [codec.encode_record(r) for r in self.log.records(saga_id)]
+            assert got == stored
+        in_flight = {
+            s
+            for s, (state, _) in self.model.items()
+            if state.phase.value in ("RUNNING", "ABORTING")
+        }
+        assert set(self.log.in_flight()) == in_flight
+
+
+LogModel.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+TestLogModel = LogModel.TestCase
