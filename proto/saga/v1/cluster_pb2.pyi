@@ -36,7 +36,14 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("id", "role", "term", "epoch", "leader_id", "leader_grpc_addr", "commit_index", "applied_index", "members")
+    __slots__ = ("id", "role", "term", "epoch", "leader_id", "leader_grpc_addr", "commit_index", "applied_index", "members", "registered", "ready")
+    class RegisteredEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +53,8 @@ class StatusReply(_message.Message):
     COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: Role
     term: int
@@ -55,7 +64,9 @@ class StatusReply(_message.Message):
     commit_index: int
     applied_index: int
     members: _containers.RepeatedCompositeFieldContainer[NodeInfo]
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_addr: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+    registered: _containers.ScalarMap[str, bytes]
+    ready: bool
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_addr: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., registered: _Optional[_Mapping[str, bytes]] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("batch", "timeout_ms")

@@ -1,0 +1,165 @@
+"""Node configuration: flags or a TOML file, one frozen dataclass, validated once."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+
+from sagalog.raft import RaftTiming
+
+_ADDR_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another node of the cluster."""
+
+    id: str
+    raft_addr: str  # HOST:PORT of its Raft listener
+    grpc_addr: str  # HOST:PORT of its gRPC server
+
+    @staticmethod
+    def parse(text: str) -> Peer:
+        """ID=RAFT_HOST:PORT,GRPC_HOST:PORT"""
+        node_id, sep, addrs = text.partition("=")
+        raft, comma, grpc_ = addrs.partition(",")
+        if not sep or not comma:
+            raise ValueError(f"--peer {text!r}: expected ID=RAFT_HOST:PORT,GRPC_HOST:PORT")
+        return Peer(node_id.strip(), raft.strip(), grpc_.strip())
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str
+    """This node's id: letters, digits, _ and -, at most 64. Unique in the cluster."""
+    raft_addr: str
+    """HOST:PORT this node's Raft listens on; peers dial it."""
+    grpc_addr: str
+    """HOST:PORT of this node's gRPC server (Cluster service)."""
+    data_dir: str
+    """Directory of this node's journal, snapshot and RocksDB store. Created if absent."""
+    peers: tuple[Peer, ...] = ()
+    """Every other node of the cluster (2 or 4 of them)."""
+    raft_password: str | None = None
+    """Shared secret: pysyncobj encrypts and authenticates Raft traffic with it.
+    Without it Raft messages are pickles that anyone reaching the port can forge."""
+    timing: RaftTiming = field(default_factory=RaftTiming)
+    """Raft timers (see sagalog.raft.RaftTiming)."""
+    propose_timeout_ms: int = 5000
+    """Default deadline of one proposal."""
+    max_in_flight_proposals: int = 10_000
+    """Proposals waiting on this node at once; more get RESOURCE_EXHAUSTED."""
+    grpc_workers: int = 32
+    """gRPC server threads (each blocking Propose holds one)."""
+    compaction_min_entries: int = 50_000
+    """Journal entries before a snapshot is taken and the journal compacted."""
+    join_check_ms: int = 1000
+    """How long a node with a new data directory asks its peers whether the cluster
+    already knows it (a wiped node must not rejoin as if it had never voted)."""
+
+    def validate(self) -> None:
+        if not _ID_RE.match(self.id):
+            raise ValueError(f"--id {self.id!r}: use 1-64 letters, digits, _ or -")
+        for name, addr in [("--raft-addr", self.raft_addr), ("--grpc-addr", self.grpc_addr)]:
+            _check_addr(name, addr)
+        if not self.data_dir:
+            raise ValueError("--data-dir is required")
+        ids = [self.id] + [p.id for p in self.peers]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"node ids must be unique, got {ids}")
+        raft_addrs = [self.raft_addr] + [p.raft_addr for p in self.peers]
+        if len(set(raft_addrs)) != len(raft_addrs):
+            raise ValueError(f"raft addresses must be unique, got {raft_addrs}")
+        for peer in self.peers:
+            if not _ID_RE.match(peer.id):
+                raise ValueError(f"--peer id {peer.id!r}: use 1-64 letters, digits, _ or -")
+            _check_addr(f"--peer {peer.id} raft", peer.raft_addr)
+            _check_addr(f"--peer {peer.id} grpc", peer.grpc_addr)
+        if len(self.peers) not in (2, 4):
+            raise ValueError(
+                f"a cluster has 3 or 5 nodes: give 2 or 4 --peer, got {len(self.peers)}"
+            )
+        if self.raft_password is not None and len(self.raft_password) < 8:
+            raise ValueError("the Raft password must be at least 8 characters")
+        for name in ("propose_timeout_ms", "max_in_flight_proposals", "grpc_workers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.compaction_min_entries < 100:
+            raise ValueError("compaction_min_entries must be >= 100")
+        self.timing.validate()
+
+
+def _check_addr(name: str, addr: str) -> None:
+    if not _ADDR_RE.match(addr or ""):
+        raise ValueError(f"{name} {addr!r}: expected HOST:PORT")
+    port = int(addr.rsplit(":", 1)[1])
+    if not 0 < port < 65536:
+        raise ValueError(f"{name} {addr!r}: port out of range")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sagalog-node",
+        description="One node of a Raft-replicated Saga Log cluster.",
+    )
+    p.add_argument("--config", help="TOML file; flags given on the command line override it")
+    p.add_argument("--id")
+    p.add_argument("--raft-addr", metavar="HOST:PORT")
+    p.add_argument("--grpc-addr", metavar="HOST:PORT")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=None,
+        metavar="ID=RAFT_HOST:PORT,GRPC_HOST:PORT",
+        help="another node; once per other node",
+    )
+    p.add_argument("--raft-password-file", metavar="FILE", help="file holding the Raft secret")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
+    """(config, log level) from flags and the optional TOML file."""
+    args = parser().parse_args(argv)
+    values: dict = {}
+    timing: dict = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            doc = tomllib.load(f)
+        timing = doc.pop("timing", {})
+        peers = doc.pop("peers", [])
+        values.update(doc)
+        values["peers"] = tuple(Peer(**p) for p in peers)
+        if "raft_password_file" in values:
+            values["raft_password"] = _read_secret(values.pop("raft_password_file"))
+    for flag in ("id", "raft_addr", "grpc_addr", "data_dir"):
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    if args.peer is not None:
+        values["peers"] = tuple(Peer.parse(p) for p in args.peer)
+    if args.raft_password_file:
+        values["raft_password"] = _read_secret(args.raft_password_file)
+    missing = [f for f in ("id", "raft_addr", "grpc_addr", "data_dir") if f not in values]
+    if missing:
+        raise ValueError("missing: " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    known = {f.name for f in fields(NodeConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    config = NodeConfig(**values)
+    if timing:
+        config = replace(config, timing=RaftTiming(**timing))
+    config.validate()
+    return config, args.log_level
+
+
+def _read_secret(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        secret = f.read().strip()
+    if not secret:
+        raise ValueError(f"the Raft password file {path} is empty")
+    return secret

@@ -1,0 +1,244 @@
+"""A local cluster of 3 or 5 `sagalog-node` processes on loopback.
+
+Used by `sagactl cluster up`, the demo, the tests and the benches. Every node is a
+real OS process with its own data directory, Raft port and gRPC port; its output
+goes to `<base>/<id>.log`. The launcher ends only the processes it started, by
+PID. `cluster.json` in the base directory records them for `sagactl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import grpc
+from saga.v1 import cluster_pb2, cluster_pb2_grpc
+
+from cluster.grpcutil import channel_to
+from sagalog.raft import RaftTiming
+
+STATE_FILE = "cluster.json"
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports the kernel says are free now (held open together while chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class NodeSpec:
+    id: str
+    raft_addr: str
+    grpc_addr: str
+    data_dir: str
+    log_path: str
+    pid: int = 0
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        base_dir: str,
+        nodes: int = 3,
+        host: str = "127.0.0.1",
+        timing: RaftTiming | None = None,
+        password: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        if nodes not in (3, 5):
+            raise ValueError(f"a local cluster has 3 or 5 nodes, not {nodes}")
+        self.base_dir = os.path.abspath(base_dir)
+        os.makedirs(self.base_dir, exist_ok=True)
+        self.timing = timing
+        self.password_file = None
+        if password is not None:
+            self.password_file = os.path.join(self.base_dir, "raft.secret")
+            with open(self.password_file, "w") as f:
+                f.write(password)
+            os.chmod(self.password_file, 0o600)
+        self.extra_args = extra_args
+        ports = free_ports(2 * nodes, host)
+        self.specs = {
+            f"n{i + 1}": NodeSpec(
+                id=f"n{i + 1}",
+                raft_addr=f"{host}:{ports[2 * i]}",
+                grpc_addr=f"{host}:{ports[2 * i + 1]}",
+                data_dir=os.path.join(self.base_dir, f"n{i + 1}"),
+                log_path=os.path.join(self.base_dir, f"n{i + 1}.log"),
+            )
+            for i in range(nodes)
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+
+    # ---- processes -------------------------------------------------------------------
+
+    def command(self, node_id: str) -> list[str]:
+        spec = self.specs[node_id]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cluster.node",
+            "--id",
+            spec.id,
+            "--raft-addr",
+            spec.raft_addr,
+            "--grpc-addr",
+            spec.grpc_addr,
+            "--data-dir",
+            spec.data_dir,
+        ]
+        for other in self.specs.values():
+            if other.id != node_id:
+                cmd += ["--peer", f"{other.id}={other.raft_addr},{other.grpc_addr}"]
+        if self.password_file:
+            cmd += ["--raft-password-file", self.password_file]
+        if self.timing is not None:
+            cmd += ["--config", self._timing_file()]
+        return cmd + list(self.extra_args)
+
+    def _timing_file(self) -> str:
+        path = os.path.join(self.base_dir, "timing.toml")
+        assert self.timing is not None
+        with open(path, "w") as f:
+            f.write("[timing]\n")
+            for key, value in asdict(self.timing).items():
+                f.write(f"{key} = {value}\n")
+        return path
+
+    def start(self, node_id: str, detach: bool = False) -> None:
+        spec = self.specs[node_id]
+        log = open(spec.log_path, "ab")
+        proc = subprocess.Popen(
+            self.command(node_id),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=detach,
+        )
+        log.close()
+        self.procs[node_id] = proc
+        spec.pid = proc.pid
+        self.save_state()
+
+    def start_all(self, detach: bool = False) -> None:
+        for node_id in self.specs:
+            self.start(node_id, detach)
+
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.get(node_id)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                proc.wait(timeout=15)
+        self._drop_channel(node_id)
+
+    def restart(self, node_id: str) -> None:
+        self.kill(node_id)
+        self.start(node_id)
+
+    def alive(self, node_id: str) -> bool:
+        proc = self.procs.get(node_id)
+        return proc is not None and proc.poll() is None
+
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every node we started; SIGKILL what is still running at the deadline."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGCONT)
+                    proc.terminate()
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        for node_id in list(self._channels):
+            self._drop_channel(node_id)
+
+    def save_state(self) -> None:
+        with open(os.path.join(self.base_dir, STATE_FILE), "w") as f:
+            json.dump({"nodes": [asdict(s) for s in self.specs.values()]}, f, indent=2)
+
+    def logs(self, tail_lines: int = 60) -> str:
+        out = []
+        for spec in self.specs.values():
+            try:
+                with open(spec.log_path, errors="replace") as f:
+                    lines = f.readlines()[-tail_lines:]
+            except OSError:
+                lines = ["(no log)\n"]
+            out.append(f"===== {spec.id} ({spec.log_path}) =====\n" + "".join(lines))
+        return "\n".join(out)
+
+    # ---- gRPC ------------------------------------------------------------------------
+
+    def stub(self, node_id: str) -> cluster_pb2_grpc.ClusterStub:
+        channel = self._channels.get(node_id)
+        if channel is None:
+            channel = channel_to(self.specs[node_id].grpc_addr)
+            self._channels[node_id] = channel
+        return cluster_pb2_grpc.ClusterStub(channel)
+
+    def _drop_channel(self, node_id: str) -> None:
+        channel = self._channels.pop(node_id, None)
+        if channel is not None:
+            channel.close()
+
+    def status(self, node_id: str, timeout_s: float = 1.0) -> cluster_pb2.StatusReply | None:
+        try:
+            return self.stub(node_id).Status(cluster_pb2.StatusRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return None
+
+    def wait_for_leader(
+        self, timeout_s: float = 10.0, among: list[str] | None = None
+    ) -> cluster_pb2.StatusReply:
+        """Poll until every live node in `among` agrees on one leader and term, and
+        that leader has committed its epoch. Returns the leader's status."""
+        nodes = among if among is not None else [n for n in self.specs if self.alive(n)]
+        deadline = time.monotonic() + timeout_s
+        last: list = []
+        while time.monotonic() < deadline:
+            replies = [self.status(n, 0.5) for n in nodes]
+            last = replies
+            if all(r is not None for r in replies):
+                leaders = {(r.leader_id, r.term) for r in replies}  # type: ignore[union-attr]
+                if len(leaders) == 1:
+                    leader_id, _term = leaders.pop()
+                    if leader_id and leader_id in nodes:
+                        leader = self.status(leader_id, 0.5)
+                        if (
+                            leader is not None
+                            and leader.epoch > 0
+                            and leader.role == (cluster_pb2.LEADER)
+                        ):
+                            return leader
+            time.sleep(0.02)
+        raise TimeoutError(f"no agreed leader among {nodes} within {timeout_s}s: {last}")
+
+    def leader_id(self, timeout_s: float = 10.0) -> str:
+        return self.wait_for_leader(timeout_s).id
+
+
+def load_state(base_dir: str) -> list[NodeSpec]:
+    with open(os.path.join(base_dir, STATE_FILE)) as f:
+        return [NodeSpec(**n) for n in json.load(f)["nodes"]]

@@ -1,0 +1,209 @@
+"""`sagalog-node`: one node of the cluster as an OS process.
+
+Lifecycle: read flags/config -> check the data directory's identity (refuse a
+wiped node) -> start Raft and the gRPC server -> run the node's duties (register
+its incarnation; as leader, commit a new Epoch) -> on SIGTERM or SIGINT, stop the
+gRPC server, stop Raft, close the store, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from typing import Any
+
+import grpc
+from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2
+
+from cluster import identity as ident
+from cluster.config import NodeConfig, from_args
+from cluster.grpcutil import channel_to
+from cluster.service import ClusterService, raft_role
+from sagalog import codec
+from sagalog import records as rec
+from sagalog.proposer import ProposeError, Proposer
+from sagalog.raft import SagaLogRaft, fail_stop
+
+log = logging.getLogger("sagalog.node")
+
+EXIT_USAGE = 2
+EXIT_REFUSED = 78  # EX_CONFIG: this node must not start as configured
+
+DUTY_PERIOD_S = 0.02
+GRPC_MAX_MESSAGE_BYTES = codec.MAX_BATCH_BYTES + (1 << 20)
+
+
+class WipedNodeError(Exception):
+    pass
+
+
+def check_not_wiped(config: NodeConfig, me: ident.Identity) -> None:
+    """A new data directory: refuse to start if the cluster already registered this
+    node with another incarnation (it voted before and has forgotten it)."""
+    deadline = time.monotonic() + config.join_check_ms / 1000
+    pending = {p.id: p for p in config.peers}
+    while pending and time.monotonic() < deadline:
+        for peer_id, peer in list(pending.items()):
+            try:
+                with channel_to(peer.grpc_addr) as channel:
+                    reply = cluster_pb2_grpc.ClusterStub(channel).Status(
+                        cluster_pb2.StatusRequest(), timeout=0.3
+                    )
+            except grpc.RpcError:
+                continue
+            del pending[peer_id]
+            known = reply.registered.get(me.node_id)
+            if known is not None and known != me.incarnation:
+                raise WipedNodeError(
+                    f"node {me.node_id}: the data directory {config.data_dir} is new, but node "
+                    f"{peer_id} reports that the cluster registered {me.node_id} with "
+                    f"incarnation {known.hex()}. This node's journal and votes are lost, so "
+                    "it must not rejoin as if nothing happened. To re-add it: stop it, run "
+                    f"`sagactl cluster forget-node --id {me.node_id}` against a running node, "
+                    "then start it again with an empty data directory."
+                )
+        if pending:
+            time.sleep(0.1)
+
+
+class Node:
+    """The gRPC server listens first (so that peers' wipe checks get answers while
+    the cluster starts), then Raft starts (`start_raft`)."""
+
+    def __init__(self, config: NodeConfig, me: ident.Identity) -> None:
+        self.config = config
+        self.me = me
+        self.service = ClusterService(config)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.grpc_workers),
+            options=[
+                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, self.server)
+        if self.server.add_insecure_port(config.grpc_addr) == 0:
+            raise OSError(f"cannot listen on --grpc-addr {config.grpc_addr}")
+        self.server.start()
+        self.raft: SagaLogRaft | None = None
+        self.proposer: Proposer | None = None
+        self._stopping = threading.Event()
+        self._duties = threading.Thread(target=self._run_duties, name="duties", daemon=True)
+        self.registered = False
+        self.epoch_term = -1  # the Raft term in which this node last committed an Epoch
+
+    def start_raft(self) -> None:
+        self.raft = SagaLogRaft(
+            self.config.raft_addr,
+            [p.raft_addr for p in self.config.peers],
+            self.config.data_dir,
+            self.config.timing,
+            password=self.config.raft_password,
+            compaction_min_entries=self.config.compaction_min_entries,
+        )
+        self.proposer = Proposer(self.raft, self.config.max_in_flight_proposals)
+        self.service.attach(self.raft, self.proposer)
+        self._duties.start()
+        log.info(
+            "node %s: raft %s, grpc %s, data %s",
+            self.config.id,
+            self.config.raft_addr,
+            self.config.grpc_addr,
+            self.config.data_dir,
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.server.stop(grace=1.0).wait(2.0)
+        if self.raft is not None:
+            self._duties.join(timeout=5)
+            self.raft.close()
+        log.info("node %s stopped", self.config.id)
+
+    # ---- duties: registration and epochs -------------------------------------------
+
+    def _run_duties(self) -> None:
+        assert self.raft is not None
+        while not self._stopping.wait(DUTY_PERIOD_S):
+            try:
+                if not self.registered and self.raft._getLeader() is not None:
+                    self._register()
+                if raft_role(self.raft) == cluster_pb2.LEADER:
+                    term = self.raft.raftCurrentTerm
+                    if term != self.epoch_term:
+                        self._take_office(term)
+            except ProposeError as exc:
+                log.debug("duty proposal failed, will retry: %s", exc)
+
+    def _propose_one(self, record: log_pb2.Record) -> log_pb2.RecordResult:
+        assert self.proposer is not None
+        result = self.proposer.propose(codec.encode_batch([record]), timeout_s=2.0)
+        return result.results[0]
+
+    def _register(self) -> None:
+        result = self._propose_one(rec.member(self.me.node_id, self.me.incarnation))
+        if result.verdict == log_pb2.REJECTED:
+            fail_stop(f"the cluster refused this node: {result.reason}")
+        self.registered = True
+        log.info("node %s registered (incarnation %s)", self.me.node_id, self.me.incarnation.hex())
+
+    def _take_office(self, term: int) -> None:
+        """A new leader commits Epoch(n+1) before anything it decides counts."""
+        assert self.raft is not None
+        with self.raft.reading() as saga_log:
+            number = saga_log.epoch().number + 1
+        result = self._propose_one(rec.epoch(number, self.me.node_id, int(time.time() * 1000)))
+        if result.verdict in (log_pb2.ACCEPTED, log_pb2.DUPLICATE):
+            self.epoch_term = term
+            log.info("node %s took office: epoch %d (term %d)", self.me.node_id, number, term)
+        # REJECTED: another epoch committed first; the next round proposes a newer one.
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, level = from_args(argv)
+    except (ValueError, OSError, TypeError) as exc:
+        print(f"sagalog-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s {config.id} %(levelname)s %(name)s: %(message)s",
+    )
+    # pysyncobj logs CRITICAL "truncating already-applied log entries" on followers
+    # as a matter of course; it is noise that would hide real alarms.
+    logging.getLogger("pysyncobj.syncobj").addFilter(
+        lambda r: "truncating already-applied" not in r.getMessage()
+    )
+    node = None
+    try:
+        me = ident.open_data_dir(config.data_dir, config.id)
+        node = Node(config, me)
+        if me.created:
+            check_not_wiped(config, me)
+            ident.persist(config.data_dir, me)
+        node.start_raft()
+    except (ident.IdentityError, WipedNodeError, OSError) as exc:
+        log.critical("refusing to start: %s", exc)
+        if node is not None:
+            node.stop()
+        return EXIT_REFUSED
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(0.5):
+        pass
+    node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The `Cluster` gRPC service, and the one table from our errors to gRPC codes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2
+
+from cluster.config import NodeConfig
+from sagalog import codec
+from sagalog import records as rec
+from sagalog.proposer import ProposeError, Proposer
+from sagalog.raft import SagaLogRaft
+
+# ProposeError.code -> gRPC status. One table: callers decide retries from the code.
+PROPOSE_ERROR_CODES = {
+    "OVERLOADED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "QUEUE_FULL": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "TIMEOUT": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "MISSING_LEADER": grpc.StatusCode.UNAVAILABLE,
+    "NOT_LEADER": grpc.StatusCode.UNAVAILABLE,
+    "LEADER_CHANGED": grpc.StatusCode.UNAVAILABLE,
+    "DISCARDED": grpc.StatusCode.UNAVAILABLE,
+    "UNKNOWN_OUTCOME": grpc.StatusCode.UNAVAILABLE,
+    "REQUEST_DENIED": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+MAX_PROPOSE_TIMEOUT_MS = 60_000
+
+_ROLES = {0: cluster_pb2.FOLLOWER, 1: cluster_pb2.CANDIDATE, 2: cluster_pb2.LEADER}
+
+
+def raft_role(raft: SagaLogRaft) -> int:
+    # pysyncobj exposes the role only through getStatus(), which iterates dicts the
+    # Raft thread mutates; read the attribute itself.
+    return _ROLES.get(getattr(raft, "_SyncObj__raftState", 0), cluster_pb2.FOLLOWER)
+
+
+class ClusterService(cluster_pb2_grpc.ClusterServicer):
+    """Serves from the moment the process listens. Until Raft is attached (`attach`),
+    Status answers with an empty view (a starting node has nothing registered) so
+    that a new node's wipe check does not wait on peers that are starting too;
+    every other method answers UNAVAILABLE."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self._config = config
+        self._by_raft_addr = {p.raft_addr: p for p in config.peers}
+        self._raft: SagaLogRaft | None = None
+        self._proposer: Proposer | None = None
+
+    def attach(self, raft: SagaLogRaft, proposer: Proposer) -> None:
+        self._proposer = proposer
+        self._raft = raft
+
+    def _started(self, context: Any) -> tuple[SagaLogRaft, Proposer]:
+        if self._raft is None or self._proposer is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self._config.id} is starting")
+        assert self._raft is not None and self._proposer is not None
+        return self._raft, self._proposer
+
+    def Status(self, request: Any, context: Any) -> cluster_pb2.StatusReply:
+        raft = self._raft
+        if raft is None:
+            return cluster_pb2.StatusReply(id=self._config.id, role=cluster_pb2.FOLLOWER)
+        leader = raft._getLeader()
+        leader_addr = leader.id if leader is not None else ""
+        reply = cluster_pb2.StatusReply(
+            id=self._config.id,
+            role=raft_role(raft),  # type: ignore[arg-type]
+            term=raft.raftCurrentTerm,
+            commit_index=raft.raftCommitIndex,
+            applied_index=raft.raftLastApplied,
+            ready=raft.isReady(),
+        )
+        if leader_addr == self._config.raft_addr:
+            reply.leader_id, reply.leader_grpc_addr = self._config.id, self._config.grpc_addr
+        elif leader_addr in self._by_raft_addr:
+            peer = self._by_raft_addr[leader_addr]
+            reply.leader_id, reply.leader_grpc_addr = peer.id, peer.grpc_addr
+        reply.members.add(
+            id=self._config.id,
+            raft_addr=self._config.raft_addr,
+            grpc_addr=self._config.grpc_addr,
+            connected=True,
+        )
+        connected = {n.id for n in raft.otherNodes if raft.isNodeConnected(n)}
+        for peer in self._config.peers:
+            reply.members.add(
+                id=peer.id,
+                raft_addr=peer.raft_addr,
+                grpc_addr=peer.grpc_addr,
+                connected=peer.raft_addr in connected,
+            )
+        with raft.reading() as log:
+            reply.epoch = log.epoch().number
+            for node_id, incarnation in log.members().items():
+                reply.registered[node_id] = incarnation
+        return reply
+
+    def Propose(self, request: Any, context: Any) -> cluster_pb2.ProposeReply:
+        timeout_ms = request.timeout_ms or self._config.propose_timeout_ms
+        if timeout_ms > MAX_PROPOSE_TIMEOUT_MS:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout_ms {timeout_ms} exceeds the limit {MAX_PROPOSE_TIMEOUT_MS}",
+            )
+        if len(request.batch) > codec.MAX_BATCH_BYTES:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the batch is {len(request.batch)} bytes; the limit is {codec.MAX_BATCH_BYTES}",
+            )
+        result = self._propose(request.batch, timeout_ms / 1000, context)
+        return cluster_pb2.ProposeReply(result=result)
+
+    def Digest(self, request: Any, context: Any) -> cluster_pb2.DigestReply:
+        raft, _ = self._started(context)
+        with raft.reading() as log:
+            sha, records, sagas = log.digest()
+            applied = log.applied_index()
+        return cluster_pb2.DigestReply(
+            id=self._config.id, applied_index=applied, sha256=sha, records=records, sagas=sagas
+        )
+
+    def ReadSaga(self, request: Any, context: Any) -> cluster_pb2.ReadSagaReply:
+        error = codec.check_saga_id(request.saga_id)
+        if error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        raft, _ = self._started(context)
+        with raft.reading() as log:
+            records = log.records(request.saga_id)
+        if not records:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no saga {request.saga_id!r} on this node")
+        return cluster_pb2.ReadSagaReply(records=records)
+
+    def ForgetMember(self, request: Any, context: Any) -> cluster_pb2.ForgetMemberReply:
+        if request.node_id == self._config.id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a node cannot forget itself")
+        batch = codec.encode_batch([rec.forget_member(request.node_id)])
+        result = self._propose(batch, self._config.propose_timeout_ms / 1000, context)
+        if result.error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
+        return cluster_pb2.ForgetMemberReply(result=result.results[0])
+
+    def _propose(self, batch: bytes, timeout_s: float, context: Any) -> log_pb2.BatchResult:
+        _, proposer = self._started(context)
+        try:
+            return proposer.propose(batch, timeout_s)
+        except ProposeError as exc:
+            context.abort(PROPOSE_ERROR_CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE), str(exc))
+            raise  # unreachable: abort raises

@@ -1,0 +1,448 @@
+"""DurableJournal: a crash-safe Raft journal for pysyncobj.
+
+pysyncobj's FileJournal writes entries through an mmap and never fsyncs, so a
+follower may acknowledge an entry that a power loss then erases, and a torn
+write is read back as garbage. Raft's safety argument needs the opposite: an
+entry a node has acknowledged, and the term and vote it has granted, must
+survive a crash.
+
+This journal keeps the entries in memory (pysyncobj reads and slices the log
+constantly) and mirrors them into one append-only file:
+
+    file header   >8sII   magic b"SAGAJRNL", format version, reserved (0)
+    entry         >IIQQ   payload length, crc32(idx, term, payload), idx, term
+                  payload the command bytes
+
+`add` only writes (the bytes reach the page cache and survive kill -9);
+`sync` makes them durable. The node calls `sync` before sending any Raft
+message, so an acknowledgement never leaves before the entries it covers are
+on disk. Recovery keeps the longest valid prefix (whole entries, matching
+crc, consecutive indexes) and cuts the rest: a torn tail is never applied.
+
+Term, vote and commit index live in `<path>.meta` (JSON, replaced atomically).
+`<path>.synced` holds the byte length of the last fsync (a test aid, never
+fsynced itself): cutting the journal back to it simulates a power loss.
+
+Not thread-safe: pysyncobj calls the journal from its tick thread only, and
+`sync` must be called from that thread too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from typing import Any, overload
+
+from pysyncobj.journal import Journal
+from pysyncobj.pickle import to_bytes
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"SAGAJRNL"
+FORMAT_VERSION = 1
+
+_FILE_HEADER = struct.Struct(">8sII")  # magic, format version, reserved
+_ENTRY_HEADER = struct.Struct(">IIQQ")  # payload length, crc32, idx, term
+_IDX_TERM = struct.Struct(">QQ")
+_SYNCED = struct.Struct(">Q")
+
+FILE_HEADER_SIZE = _FILE_HEADER.size
+ENTRY_HEADER_SIZE = _ENTRY_HEADER.size
+
+# fdatasync also flushes the file size, which is all an append or a truncate changes.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+Entry = tuple[bytes, int, int]
+
+
+class JournalCorrupt(Exception):
+    """The journal or its metadata exists but cannot be trusted.
+
+    Raised instead of falling back to defaults: forgetting a granted vote or
+    a term would let this node vote twice in one term.
+    """
+
+
+def _entry_crc(idx: int, term: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(_IDX_TERM.pack(idx, term)))
+
+
+def _frame(command: bytes, idx: int, term: int) -> bytes:
+    crc = _entry_crc(idx, term, command)
+    return _ENTRY_HEADER.pack(len(command), crc, idx, term) + command
+
+
+def _file_header() -> bytes:
+    return _FILE_HEADER.pack(MAGIC, FORMAT_VERSION, 0)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename or a file creation in the directory of `path` durable."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(path: str, tmp_path: str, chunks: Sequence[bytes]) -> None:
+    """Write `chunks` to `tmp_path`, fsync, rename onto `path`, fsync the directory.
+
+    After a crash `path` holds either the old content or the whole new content,
+    never a mix or an empty file.
+    """
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        offset = 0
+        for chunk in chunks:
+            _pwrite_all(fd, chunk, offset)
+            offset += len(chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp_path, path)
+    _fsync_dir(path)
+
+
+class DurableJournal(Journal):
+    """A pysyncobj journal whose acknowledged state survives crashes and power loss."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.meta_path = path + ".meta"
+        self.synced_path = path + ".synced"
+        self._entries: list[Entry] = []
+        self._offsets: list[int] = []  # file offset of each entry's header
+        self._end = FILE_HEADER_SIZE  # file length: end of the last entry
+        self._synced = 0  # file length at the last fsync
+        self._dirty = False  # bytes written since the last fsync
+        self._closed = False
+        #: Bytes cut from the end of the file at open (torn or corrupt tail).
+        self.cut_bytes = 0
+
+        meta = self._load_meta()
+        self._term: int = meta.get("currentTerm", 0)
+        self._vote: str | None = meta.get("votedForNodeId")
+        self._commit_index: int | None = meta.get("raftCommitIndex")
+        self._meta_dirty = False
+
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            # Created atomically, so a file without a valid header is never ours.
+            _replace_durably(path, path + ".tmp", [_file_header()])
+        self._fd = os.open(path, os.O_RDWR)
+        self._synced_fd = -1
+        try:
+            self._recover()
+            self._synced_fd = os.open(self.synced_path, os.O_RDWR | os.O_CREAT, 0o644)
+            # The previous process may have died before syncing what it wrote: those
+            # bytes are only in the page cache. Sync them now, before this node can
+            # acknowledge anything based on them.
+            self._fsync_and_record()
+        except BaseException:
+            self.close()
+            raise
+
+        if self._commit_index is not None and self._entries:
+            last_idx = self._entries[-1][1]
+            if self._commit_index > last_idx:
+                # Only after a cut tail: a commit index past the log would let a
+                # leader treat new, uncommitted entries as committed.
+                logger.warning(
+                    "journal %s: stored commit index %d is past the last entry %d; lowered",
+                    path,
+                    self._commit_index,
+                    last_idx,
+                )
+                self._commit_index = last_idx
+                self._meta_dirty = True
+
+    # ---- open and recovery ------------------------------------------------------------
+
+    def _load_meta(self) -> dict[str, Any]:
+        """Read `<path>.meta`. Missing -> defaults; present but unusable -> JournalCorrupt."""
+        try:
+            with open(self.meta_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise JournalCorrupt(f"cannot read {self.meta_path}: {exc}") from exc
+        try:
+            meta = json.loads(raw)
+        except ValueError as exc:
+            raise JournalCorrupt(f"cannot parse {self.meta_path}: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise JournalCorrupt(f"{self.meta_path}: expected a JSON object")
+        term = meta.get("currentTerm", 0)
+        vote = meta.get("votedForNodeId")
+        commit = meta.get("raftCommitIndex")
+        if (
+            not isinstance(term, int)
+            or isinstance(term, bool)
+            or term < 0
+            or not (vote is None or isinstance(vote, str))
+            or not (commit is None or (isinstance(commit, int) and not isinstance(commit, bool)))
+        ):
+            raise JournalCorrupt(f"{self.meta_path}: bad field types: {meta!r}")
+        return meta
+
+    def _recover(self) -> None:
+        """Load the longest valid prefix of entries and cut the file after it."""
+        size = os.fstat(self._fd).st_size
+        data = os.pread(self._fd, size, 0) if size else b""
+        while len(data) < size:  # pread may return less than asked
+            chunk = os.pread(self._fd, size - len(data), len(data))
+            if not chunk:
+                break
+            data += chunk
+        size = len(data)
+        if size < FILE_HEADER_SIZE:
+            raise JournalCorrupt(f"{self.path}: file header is truncated ({size} bytes)")
+        magic, version, _ = _FILE_HEADER.unpack_from(data, 0)
+        if magic != MAGIC:
+            raise JournalCorrupt(f"{self.path}: not a DurableJournal file (magic {magic!r})")
+        if version != FORMAT_VERSION:
+            raise JournalCorrupt(f"{self.path}: unsupported format version {version}")
+
+        pos = FILE_HEADER_SIZE
+        reason = ""
+        while pos < size:
+            if size - pos < ENTRY_HEADER_SIZE:
+                reason = "torn entry header"
+                break
+            length, crc, idx, term = _ENTRY_HEADER.unpack_from(data, pos)
+            start = pos + ENTRY_HEADER_SIZE
+            end = start + length
+            if end > size:
+                reason = "torn entry payload"
+                break
+            payload = data[start:end]
+            if _entry_crc(idx, term, payload) != crc:
+                reason = "crc mismatch"
+                break
+            if self._entries and idx != self._entries[-1][1] + 1:
+                reason = f"index gap ({self._entries[-1][1]} then {idx})"
+                break
+            self._entries.append((payload, idx, term))
+            self._offsets.append(pos)
+            pos = end
+        self._end = pos
+        self.cut_bytes = size - pos
+        if self.cut_bytes:
+            logger.warning(
+                "journal %s: cut %d bytes after the last good entry at offset %d (%s); "
+                "%d entries kept",
+                self.path,
+                self.cut_bytes,
+                pos,
+                reason,
+                len(self._entries),
+            )
+            os.ftruncate(self._fd, pos)
+            # The caller fsyncs right after: the cut is durable before anything is appended.
+            self._dirty = True
+
+    # ---- durability -------------------------------------------------------------------
+
+    def _fsync_and_record(self) -> None:
+        _datasync(self._fd)
+        self._dirty = False
+        self._synced = self._end
+        # Deliberately not fsynced: it only has to survive kill -9, as a test aid.
+        os.pwrite(self._synced_fd, _SYNCED.pack(self._synced), 0)
+
+    def sync(self) -> None:
+        """Make every entry added so far durable. A cheap no-op when nothing changed.
+
+        Called before any Raft message is sent, so that a follower's
+        acknowledgement (and a leader's replication of its own entries) never
+        precedes the fsync of the entries it covers.
+        """
+        if self._dirty:
+            self._fsync_and_record()
+
+    def flush(self) -> None:
+        """FileJournal's name for making writes durable (pysyncobj itself never calls it)."""
+        self.sync()
+
+    @property
+    def synced_length(self) -> int:
+        """Length in bytes of the journal file as of the last fsync."""
+        return self._synced
+
+    def _store_meta(self) -> None:
+        """Write the metadata durably; the journal is synced first, so a stored
+        commit index never covers entries that a power loss could erase."""
+        self.sync()
+        meta = {
+            "currentTerm": self._term,
+            "votedForNodeId": self._vote,
+            "raftCommitIndex": self._commit_index,
+        }
+        data = json.dumps(meta, sort_keys=True).encode()
+        _replace_durably(self.meta_path, self.meta_path + ".tmp", [data])
+        self._meta_dirty = False
+
+    def _rewrite(self, entries: list[Entry]) -> None:
+        """Replace the file with one holding exactly `entries`, atomically and durably."""
+        frames = [_frame(*entry) for entry in entries]
+        tmp = self.path + ".tmp"
+        _replace_durably(self.path, tmp, [_file_header(), *frames])
+        new_fd = os.open(self.path, os.O_RDWR)
+        os.close(self._fd)
+        self._fd = new_fd
+        self._entries = list(entries)
+        self._offsets = []
+        offset = FILE_HEADER_SIZE
+        for frame in frames:
+            self._offsets.append(offset)
+            offset += len(frame)
+        self._end = offset
+        # Already fsynced by _replace_durably: only record the new length.
+        self._dirty = False
+        self._synced = self._end
+        os.pwrite(self._synced_fd, _SYNCED.pack(self._synced), 0)
+
+    # ---- the pysyncobj Journal interface ----------------------------------------------
+
+    def add(self, command: bytes | str, idx: int, term: int) -> None:
+        """Append an entry: written to the file now, durable at the next `sync`."""
+        cmd = to_bytes(command)
+        if self._entries and idx != self._entries[-1][1] + 1:
+            # Recovery would treat the gap as the end of the log and cut everything after it.
+            raise ValueError(f"entry index {idx} does not follow {self._entries[-1][1]}")
+        frame = _frame(cmd, idx, term)
+        _pwrite_all(self._fd, frame, self._end)
+        self._entries.append((cmd, idx, term))
+        self._offsets.append(self._end)
+        self._end += len(frame)
+        self._dirty = True
+
+    def clear(self) -> None:
+        """Drop every entry, durably (pysyncobj re-adds the snapshot's two entries next)."""
+        self._rewrite([])
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        """Drop the entries at list positions >= entryFrom; truncated and fsynced now.
+
+        Durable at once: a follower drops conflicting entries before appending
+        the leader's, and a power loss must not bring the old ones back.
+        """
+        start = slice(entryFrom, None).indices(len(self._entries))[0]
+        if start >= len(self._entries):
+            return
+        self._end = self._offsets[start]
+        del self._entries[start:]
+        del self._offsets[start:]
+        os.ftruncate(self._fd, self._end)
+        self._fsync_and_record()
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        """Drop the entries at list positions < entryTo (log compaction), durably.
+
+        The kept entries are copied to a new file that replaces the old one, so a
+        crash leaves either the old or the new journal, both valid. pysyncobj
+        compacts right after renaming its snapshot dump into this directory
+        without an fsync of the directory; the fsync here makes that rename
+        durable first, so a power loss never leaves a compacted journal beside
+        an older dump.
+        """
+        start = slice(entryTo, None).indices(len(self._entries))[0]
+        if start == 0:
+            return
+        _fsync_dir(self.path)
+        self._rewrite(self._entries[start:])
+
+    def align_to_snapshot(self, prev_entry: Sequence[Any], last_entry: Sequence[Any]) -> bool:
+        """Drop the entries before the snapshot's last two entries, if the journal holds them.
+
+        pysyncobj compacts the journal only after writing the snapshot dump; when
+        it later loads the dump it clears the journal unless the journal starts
+        with exactly the dump's two entries. A crash between dump and compaction
+        would then lose every entry after the snapshot. Aligning first avoids that.
+        Returns False (and changes nothing) when the entries are not found.
+        """
+        if not self._entries:
+            return False
+        prev_cmd, prev_idx, prev_term = prev_entry
+        last_cmd, last_idx, last_term = last_entry
+        pos = prev_idx - self._entries[0][1]
+        if last_idx != prev_idx + 1 or pos < 0 or pos + 1 >= len(self._entries):
+            return False
+        if self._entries[pos] != (to_bytes(prev_cmd), prev_idx, prev_term):
+            return False
+        if self._entries[pos + 1] != (to_bytes(last_cmd), last_idx, last_term):
+            return False
+        self.deleteEntriesTo(pos)
+        return True
+
+    @overload
+    def __getitem__(self, item: int) -> Entry: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> list[Entry]: ...
+
+    def __getitem__(self, item: int | slice) -> Entry | list[Entry]:
+        return self._entries[item]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
+        """Lazy: stored by the next `onOneSecondTimer` or term write.
+
+        pysyncobj calls this on every heartbeat; the commit index is only a
+        hint after a restart (a lower value is always safe).
+        """
+        if raftCommitIndex != self._commit_index:
+            self._commit_index = raftCommitIndex
+            self._meta_dirty = True
+
+    def getRaftCommitIndex(self) -> int:
+        return 1 if self._commit_index is None else self._commit_index
+
+    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:
+        """Durable before returning: a vote request or grant follows immediately."""
+        self._term = term
+        self._vote = votedForNodeId
+        self._store_meta()
+
+    def getCurrentTerm(self) -> int:
+        return self._term
+
+    def getVotedForNodeId(self) -> str | None:
+        return self._vote
+
+    def onOneSecondTimer(self) -> None:
+        if self._meta_dirty:
+            self._store_meta()
+
+    def close(self) -> None:
+        """Close the files without syncing (what kill -9 would leave behind)."""
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self._fd, self._synced_fd):
+            if fd >= 0:
+                os.close(fd)
+
+    def _destroy(self) -> None:
+        """Sync the entries, store pending metadata, close. Idempotent."""
+        if self._closed:
+            return
+        self.sync()
+        if self._meta_dirty:
+            self._store_meta()
+        self.close()

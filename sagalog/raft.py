@@ -1,0 +1,239 @@
+"""The Saga Log as a pysyncobj state machine: the IO edge between Raft and SagaLog.
+
+What this module adds to pysyncobj, and why:
+
+* **One replicated method** (`apply_batch`) taking encoded bytes. pysyncobj numbers
+  replicated methods by sorted name, so there is exactly one, and the schema
+  evolves in proto/ instead.
+* **A durable journal** (`sagalog.journal.DurableJournal`) instead of pysyncobj's
+  mmap journal, which never fsyncs. Entries are written on append and fsynced
+  before this node sends *any* Raft message (`_SyncingTransport`): a follower's
+  acknowledgement, a leader's AppendEntries and a vote all leave only after the
+  entries behind them are on disk. Term and vote are fsynced when they change.
+* **Snapshots without fork or pickled handles**: the serializer hooks write a tar
+  of a RocksDB checkpoint; the deserializer restores it only when the live store
+  is behind the snapshot, and aligns the journal so a crash between writing the
+  dump and compacting the journal loses nothing.
+* **Fail-stop**: a local storage failure or a bug inside apply ends the process.
+  (An exception raised inside a replicated method would be retried on every tick
+  and freeze the cluster; skipping the entry would diverge this replica.)
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pysyncobj.syncobj as pso_syncobj
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.transport import TCPTransport
+
+from sagalog.journal import DurableJournal
+from sagalog.kv import StoreError
+from sagalog.log import SagaLog
+from sagalog.rocks import RocksKV
+
+log = logging.getLogger(__name__)
+
+EXIT_STORAGE_FAILURE = 74  # EX_IOERR
+
+
+@dataclass(frozen=True)
+class RaftTiming:
+    """Raft timers, in milliseconds. pysyncobj's defaults make a commit wait on a
+    100 ms timer and let an isolated leader believe in itself for 30 s."""
+
+    tick_ms: int = 5  # the longest the Raft loop sleeps without socket events
+    append_period_ms: int = 25  # heartbeat interval
+    election_min_ms: int = 400
+    election_max_ms: int = 800
+    leader_fallback_ms: int = 600  # a leader without a majority's answers steps down
+    reconnect_ms: int = 150  # redial interval to a lost peer
+    connection_timeout_ms: int = 1000
+
+    def validate(self) -> None:
+        if self.election_min_ms <= 3 * self.append_period_ms:
+            raise ValueError(
+                "election_min_ms must exceed 3 x append_period_ms (pysyncobj requires it)"
+            )
+        if self.election_max_ms < self.election_min_ms:
+            raise ValueError("election_max_ms must be >= election_min_ms")
+        if not 0 < self.tick_ms <= self.append_period_ms:
+            raise ValueError("tick_ms must be in (0, append_period_ms]")
+        if self.leader_fallback_ms <= 2 * self.append_period_ms:
+            raise ValueError("leader_fallback_ms must exceed 2 x append_period_ms")
+        if self.reconnect_ms <= 0:
+            raise ValueError("reconnect_ms must be positive")
+
+
+def fail_stop(message: str) -> None:
+    """End the process now: a replica that cannot apply an entry must not go on."""
+    log.critical("FAIL-STOP: %s", message)
+    logging.shutdown()
+    os._exit(EXIT_STORAGE_FAILURE)
+
+
+class _SyncingTransport(TCPTransport):
+    """TCP transport that makes the journal durable before any message leaves."""
+
+    def send(self, node: Any, message: Any) -> bool:
+        self._syncObj._journal.sync()
+        return bool(super().send(node, message))
+
+
+_journal_patch_lock = threading.Lock()
+
+
+@contextmanager
+def _durable_journal(journal: DurableJournal) -> Iterator[None]:
+    """pysyncobj builds its journal through a module-level factory with no hook;
+    substitute ours for the duration of one constructor call."""
+    with _journal_patch_lock:
+        original = pso_syncobj.createJournal
+        pso_syncobj.createJournal = lambda _path: journal
+        try:
+            yield
+        finally:
+            pso_syncobj.createJournal = original
+
+
+class SagaLogRaft(SyncObj):  # type: ignore[misc]
+    """A Raft replica of the Saga Log, with its files under `data_dir`:
+
+    data_dir/journal       Raft journal (+ .meta term/vote, + .synced test aid)
+    data_dir/snapshot      last snapshot: tar of raft metadata + RocksDB checkpoint
+    data_dir/db            live RocksDB store
+    """
+
+    def __init__(
+        self,
+        self_addr: str,
+        peer_addrs: list[str],
+        data_dir: str,
+        timing: RaftTiming,
+        password: str | None = None,
+        compaction_min_entries: int = 50_000,
+        on_state_changed: Callable[[int, int], None] | None = None,
+    ) -> None:
+        timing.validate()
+        self.data_dir = data_dir
+        os.makedirs(data_dir, exist_ok=True)
+        self._store_lock = threading.RLock()  # held by readers and by a store swap
+        self._kv = RocksKV(self._path("db"))
+        self.saga_log = SagaLog(self._kv)
+        self._journal = DurableJournal(self._path("journal"))
+        conf = SyncObjConf(
+            password=password,
+            autoTickPeriod=timing.tick_ms / 1000,
+            appendEntriesPeriod=timing.append_period_ms / 1000,
+            raftMinTimeout=timing.election_min_ms / 1000,
+            raftMaxTimeout=timing.election_max_ms / 1000,
+            leaderFallbackTimeout=timing.leader_fallback_ms / 1000,
+            connectionRetryTime=timing.reconnect_ms / 1000,
+            connectionTimeout=timing.connection_timeout_ms / 1000,
+            # Each proposal is sent at once: we batch records into entries ourselves.
+            appendEntriesUseBatch=False,
+            commandsQueueSize=100_000,
+            journalFile=self._path("journal"),
+            fullDumpFile=self._path("snapshot"),
+            serializer=self._serialize,
+            deserializer=self._deserialize,
+            useFork=False,
+            logCompactionMinEntries=compaction_min_entries,
+            logCompactionMinTime=24 * 3600,
+            dynamicMembershipChange=False,
+            onStateChanged=on_state_changed,
+        )
+        with _durable_journal(self._journal):
+            super().__init__(self_addr, peer_addrs, conf, transportClass=_SyncingTransport)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.data_dir, name)
+
+    # ---- the one replicated method -------------------------------------------------
+
+    @replicated
+    def apply_batch(self, batch: bytes) -> bytes:
+        """Apply an encoded RecordBatch; returns an encoded BatchResult. Never raises."""
+        index = self.raftLastApplied + 1
+        try:
+            return self.saga_log.apply_batch(batch, index)
+        except StoreError as exc:
+            fail_stop(f"storage failure applying Raft entry {index}: {exc}")
+        except Exception:
+            log.exception("bug: apply raised")
+            fail_stop(f"unexpected error applying Raft entry {index}")
+        raise AssertionError("unreachable")
+
+    # ---- reads from other threads --------------------------------------------------
+
+    @contextmanager
+    def reading(self) -> Iterator[SagaLog]:
+        """The current SagaLog, safe from a concurrent snapshot install."""
+        with self._store_lock:
+            yield self.saga_log
+
+    # ---- snapshots -----------------------------------------------------------------
+
+    def _serialize(self, filename: str, raft_data: Any) -> None:
+        """Runs on the Raft thread: the store is quiescent (nothing else applies)."""
+        checkpoint = self._path("checkpoint.tmp")
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        self._kv.checkpoint(checkpoint)
+        try:
+            with tarfile.open(filename, "w") as tar:
+                meta = pickle.dumps(raft_data)
+                info = tarfile.TarInfo("raft.pickle")
+                info.size = len(meta)
+                tar.addfile(info, io.BytesIO(meta))
+                tar.add(checkpoint, arcname="db")
+            with open(filename, "rb") as f:
+                os.fsync(f.fileno())
+        finally:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+    def _deserialize(self, filename: str) -> Any:
+        """Called at start-up (own snapshot) and when the leader sends one."""
+        try:
+            with tarfile.open(filename, "r") as tar:
+                member = tar.extractfile("raft.pickle")
+                assert member is not None
+                raft_data = pickle.loads(member.read())
+                last_entry, prev_entry = raft_data[0], raft_data[1]
+                snapshot_index = last_entry[1]
+                if self.saga_log.applied_index() < snapshot_index:
+                    self._install(tar)
+        except (OSError, tarfile.TarError, KeyError, pickle.UnpicklingError, StoreError) as exc:
+            fail_stop(f"cannot load snapshot {filename}: {exc}")
+        self._journal.align_to_snapshot(prev_entry, last_entry)
+        return raft_data
+
+    def _install(self, tar: tarfile.TarFile) -> None:
+        """Replace the live store by the snapshot's checkpoint."""
+        incoming = self._path("db.incoming")
+        shutil.rmtree(incoming, ignore_errors=True)
+        members = [m for m in tar.getmembers() if m.name == "db" or m.name.startswith("db/")]
+        tar.extractall(incoming, members=members, filter="data")
+        with self._store_lock:
+            self._kv.close()
+            live = self._path("db")
+            shutil.rmtree(live)
+            os.replace(os.path.join(incoming, "db"), live)
+            shutil.rmtree(incoming, ignore_errors=True)
+            self._kv = RocksKV(live)
+            self.saga_log = SagaLog(self._kv)
+        log.info("installed snapshot at index %d", self.saga_log.applied_index())
+
+    def close(self) -> None:
+        self.destroy_synchronous()
+        with self._store_lock:
+            self._kv.close()
