@@ -107,7 +107,7 @@ class Node:
             compaction_min_entries=self.config.compaction_min_entries,
         )
         self.proposer = Proposer(self.raft, self.config.max_in_flight_proposals)
-        self.service.attach(self.raft, self.proposer)
+        self.service.attach(self.raft, self.proposer, self.in_office)
         self._duties.start()
         log.info(
             "node %s: raft %s, grpc %s, data %s",
@@ -115,6 +115,15 @@ class Node:
             self.config.raft_addr,
             self.config.grpc_addr,
             self.config.data_dir,
+        )
+
+    def in_office(self) -> bool:
+        """Leader with its own Epoch committed in the current term."""
+        raft = self.raft
+        return (
+            raft is not None
+            and raft_role(raft) == cluster_pb2.LEADER
+            and self.epoch_term == raft.raftCurrentTerm
         )
 
     def stop(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -48,9 +49,11 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         self._by_raft_addr = {p.raft_addr: p for p in config.peers}
         self._raft: SagaLogRaft | None = None
         self._proposer: Proposer | None = None
+        self._in_office: Callable[[], bool] = lambda: False
 
-    def attach(self, raft: SagaLogRaft, proposer: Proposer) -> None:
+    def attach(self, raft: SagaLogRaft, proposer: Proposer, in_office: Callable[[], bool]) -> None:
         self._proposer = proposer
+        self._in_office = in_office
         self._raft = raft
 
     def _started(self, context: Any) -> tuple[SagaLogRaft, Proposer]:
@@ -72,6 +75,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             commit_index=raft.raftCommitIndex,
             applied_index=raft.raftLastApplied,
             ready=raft.isReady(),
+            in_office=self._in_office(),
         )
         if leader_addr == self._config.raft_addr:
             reply.leader_id, reply.leader_grpc_addr = self._config.id, self._config.grpc_addr

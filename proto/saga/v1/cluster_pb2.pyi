@@ -36,7 +36,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("id", "role", "term", "epoch", "leader_id", "leader_grpc_addr", "commit_index", "applied_index", "members", "registered", "ready")
+    __slots__ = ("id", "role", "term", "epoch", "leader_id", "leader_grpc_addr", "commit_index", "applied_index", "members", "registered", "ready", "in_office")
     class RegisteredEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class StatusReply(_message.Message):
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    IN_OFFICE_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: Role
     term: int
@@ -66,7 +67,8 @@ class StatusReply(_message.Message):
     members: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     registered: _containers.ScalarMap[str, bytes]
     ready: bool
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_addr: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., registered: _Optional[_Mapping[str, bytes]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    in_office: bool
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_addr: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., registered: _Optional[_Mapping[str, bytes]] = ..., ready: _Optional[bool] = ..., in_office: _Optional[bool] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("batch", "timeout_ms")
