@@ -28,6 +28,7 @@ import pickle
 import shutil
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class RaftTiming:
     leader_fallback_ms: int = 600  # a leader without a majority's answers steps down
     reconnect_ms: int = 150  # redial interval to a lost peer
     connection_timeout_ms: int = 1000
+    rejoin_grace_ms: int = 1500  # a restarted node waits this long before it may campaign
 
     def validate(self) -> None:
         if self.election_min_ms <= 3 * self.append_period_ms:
@@ -155,6 +157,11 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         )
         with _durable_journal(self._journal):
             super().__init__(self_addr, peer_addrs, conf, transportClass=_SyncingTransport)
+        if self.raftCurrentTerm > 0:
+            # A restarted node that times out before the current leader reaches it
+            # would start an election at a higher term and depose a healthy leader
+            # (pysyncobj has no PreVote). Give the leader time to reach it first.
+            self._SyncObj__raftElectionDeadline = time.monotonic() + timing.rejoin_grace_ms / 1000
 
     def _path(self, name: str) -> str:
         return os.path.join(self.data_dir, name)

@@ -31,17 +31,35 @@ class Harness:
         self.acknowledged: dict[str, list[bytes]] = {}  # saga id -> records acked ACCEPTED
 
     def commit_saga(self, saga_id: str, via: str | None = None, deadline_s: float = 10.0) -> None:
-        """Commit a whole travel saga's records; remember them as acknowledged."""
-        epoch = self.cluster.wait_for_leader(deadline_s).epoch
-        records = travel_records(saga_id, epoch)
-        result = self.client.propose(
-            records, via=self.addrs[via] if via else None, deadline_s=deadline_s
-        )
-        assert not result.error, result.error
-        verdicts = {r.verdict for r in result.results}
-        # A retried proposal may come back DUPLICATE: it was applied by the first try.
-        assert verdicts <= {log_pb2.ACCEPTED, log_pb2.DUPLICATE}, result
-        self.acknowledged[saga_id] = [r.SerializeToString(deterministic=True) for r in records]
+        """Commit a whole travel saga's records; remember them as acknowledged.
+
+        Like a coordinator, it decides records in the current leader's epoch and,
+        when a newer leader fenced them, decides them again in the new epoch (the
+        records already applied come back DUPLICATE)."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            epoch = self.cluster.wait_for_leader(deadline_s).epoch
+            records = travel_records(saga_id, epoch)
+            result = self.client.propose(
+                records, via=self.addrs[via] if via else None, deadline_s=deadline_s
+            )
+            assert not result.error, result.error
+            fenced = [r for r in result.results if "stale epoch" in r.reason]
+            if fenced and time.monotonic() < deadline:
+                continue
+            verdicts = {r.verdict for r in result.results}
+            # A retried proposal may come back DUPLICATE: it was applied by the first try.
+            assert verdicts <= {log_pb2.ACCEPTED, log_pb2.DUPLICATE}, result
+            break
+        self.acknowledged[saga_id] = [self._identity(r) for r in records]
+
+    @staticmethod
+    def _identity(record: log_pb2.Record) -> bytes:
+        """A record without the epoch it was decided in (a retry may decide it anew)."""
+        bare = log_pb2.Record()
+        bare.CopyFrom(record)
+        bare.ClearField("epoch")
+        return bare.SerializeToString(deterministic=True)
 
     def wait_converged(self, nodes: list[str] | None = None, timeout_s: float = 20.0) -> str:
         """Wait until the nodes' digests and applied indexes agree; return the digest."""
@@ -71,7 +89,7 @@ class Harness:
             stub = self.client.stub(self.addrs[node])
             for saga_id, expected in self.acknowledged.items():
                 reply = stub.ReadSaga(cluster_pb2.ReadSagaRequest(saga_id=saga_id), timeout=5)
-                got = [r.SerializeToString(deterministic=True) for r in reply.records]
+                got = [self._identity(r) for r in reply.records]
                 assert got == expected, f"{node}: saga {saga_id} differs from what was acked"
 
 

@@ -1,0 +1,1 @@
+"""Measurements of the Saga Log (see bench/README.md)."""
