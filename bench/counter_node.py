@@ -41,19 +41,27 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
 from cluster.config import Peer
-from cluster.node import GRPC_MAX_MESSAGE_BYTES
-from cluster.service import raft_role
+from sagalog import codec
 from sagalog.journal import DurableJournal
 from sagalog.proposer import DEFAULT_MAX_IN_FLIGHT
 from sagalog.raft import RaftTiming, _durable_journal, _SyncingTransport
 
 log = logging.getLogger("bench.counter_node")
 
+# Mirrored from cluster/ (copied, like the Raft configuration below).
 GRPC_WORKERS = 32  # cluster.config.NodeConfig.grpc_workers default
+GRPC_MAX_MESSAGE_BYTES = codec.MAX_BATCH_BYTES + (1 << 20)  # cluster.node
 PROPOSE_TIMEOUT_MS = 5000  # cluster.config.NodeConfig.propose_timeout_ms default
 COMPACTION_MIN_ENTRIES = 50_000  # SagaLogRaft's default compaction_min_entries
 
 _REASON_NAMES = {getattr(FAIL_REASON, n): n for n in dir(FAIL_REASON) if n.isupper()}
+_ROLES = {0: cluster_pb2.FOLLOWER, 1: cluster_pb2.CANDIDATE, 2: cluster_pb2.LEADER}
+
+
+def raft_role(raft: SyncObj) -> int:
+    """As cluster.service.raft_role: the attribute itself, since getStatus() iterates
+    dicts that the Raft thread mutates."""
+    return _ROLES.get(getattr(raft, "_SyncObj__raftState", 0), cluster_pb2.FOLLOWER)
 
 
 def _conf(timing: RaftTiming, data_dir: str) -> SyncObjConf:

@@ -226,11 +226,7 @@ class LocalCluster:
                     leader_id, _term = leaders.pop()
                     if leader_id and leader_id in nodes:
                         leader = self.status(leader_id, 0.5)
-                        if (
-                            leader is not None
-                            and leader.epoch > 0
-                            and leader.role == (cluster_pb2.LEADER)
-                        ):
+                        if leader is not None and leader.in_office:
                             return leader
             time.sleep(0.02)
         raise TimeoutError(f"no agreed leader among {nodes} within {timeout_s}s: {last}")
