@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test test-quick demo bench lint proto clean
+.PHONY: test test-quick demo bench soak proto clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,3 +35,7 @@ proto: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV)
+
+## The leader-kill trial 20 times (the issue's acceptance run; ~1 minute).
+soak: $(BIN)/.installed
+	FAILOVER_TRIALS=20 $(BIN)/pytest -q -s -p no:cacheprovider tests/cluster -k failover

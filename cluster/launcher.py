@@ -57,6 +57,7 @@ class LocalCluster:
         nodes: int = 3,
         host: str = "127.0.0.1",
         timing: RaftTiming | None = None,
+        settings: dict[str, int] | None = None,
         password: str | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
@@ -65,6 +66,7 @@ class LocalCluster:
         self.base_dir = os.path.abspath(base_dir)
         os.makedirs(self.base_dir, exist_ok=True)
         self.timing = timing
+        self.settings = settings or {}  # NodeConfig fields, e.g. compaction_min_entries
         self.password_file = None
         if password is not None:
             self.password_file = os.path.join(self.base_dir, "raft.secret")
@@ -108,17 +110,20 @@ class LocalCluster:
                 cmd += ["--peer", f"{other.id}={other.raft_addr},{other.grpc_addr}"]
         if self.password_file:
             cmd += ["--raft-password-file", self.password_file]
-        if self.timing is not None:
-            cmd += ["--config", self._timing_file()]
+        if self.timing is not None or self.settings:
+            cmd += ["--config", self._config_file()]
         return cmd + list(self.extra_args)
 
-    def _timing_file(self) -> str:
-        path = os.path.join(self.base_dir, "timing.toml")
-        assert self.timing is not None
+    def _config_file(self) -> str:
+        """A TOML config with the settings and timing shared by every node."""
+        path = os.path.join(self.base_dir, "common.toml")
         with open(path, "w") as f:
-            f.write("[timing]\n")
-            for key, value in asdict(self.timing).items():
+            for key, value in self.settings.items():
                 f.write(f"{key} = {value}\n")
+            if self.timing is not None:
+                f.write("[timing]\n")
+                for key, value in asdict(self.timing).items():
+                    f.write(f"{key} = {value}\n")
         return path
 
     def start(self, node_id: str, detach: bool = False) -> None:
