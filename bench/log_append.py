@@ -333,7 +333,9 @@ def run_point(
     concurrency: int,
     warmup_s: float,
     duration_s: float,
+    attempt: int = 1,
 ) -> Point:
+    """Measure one (system, mode, concurrency) against the current leader."""
     mode = MODES[mode_key]
     leader = cluster.wait_for_leader(timeout_s=10)
     leader_pid = cluster.specs[leader.id].pid
@@ -342,7 +344,7 @@ def run_point(
     client0, wall0 = time.process_time(), time.perf_counter()
 
     tally = Tally(checks_verdicts=system == "saga")
-    prefix = f"{mode_key}-c{concurrency}"
+    prefix = f"{mode_key}-c{concurrency}-a{attempt}"
     asyncio.run(
         _drive(
             leader.leader_grpc_addr,
@@ -502,7 +504,9 @@ def targets(points: list[Point], ratios: list[Ratio]) -> list[str]:
     return lines
 
 
-def report(points: list[Point], meta: dict[str, object]) -> dict[str, object]:
+def report(
+    points: list[Point], discarded: list[Point], meta: dict[str, object]
+) -> dict[str, object]:
     """Print the table, the targets and any problem; return the JSON document."""
     ratios = comparisons(points)
     ratio_by_key = {(r.mode, r.concurrency): r for r in ratios}
@@ -526,12 +530,15 @@ def report(points: list[Point], meta: dict[str, object]) -> dict[str, object]:
     print("targets (from the issue, not asserted):")
     for line in goal_lines:
         print(f"  {line}")
-    for p in points:
-        if p.problems or p.leader_changed:
-            print(f"\n{p.system} {p.mode} c={p.concurrency}: problems: {p.samples}")
+    for p in discarded:
+        print(f"\ndiscarded after a leader change, then measured again:\n{_row(p)}")
+    for p in [*discarded, *points]:
+        if p.problems:
+            print(f"\n{p.system} {p.mode} c={p.concurrency}: problems, e.g. {p.samples}")
     return {
         **meta,
         "points": [asdict(p) for p in points],
+        "discarded_points": [asdict(p) for p in discarded],
         "ratios": [asdict(r) for r in ratios],
         "targets": goal_lines,
         "table": "\n".join(lines),
@@ -569,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.dir or tempfile.mkdtemp(prefix="sagabench-")
     clusters: dict[str, LocalCluster] = {}
     points: list[Point] = []
+    discarded: list[Point] = []
     load_before = os.getloadavg()
     started = datetime.now(UTC)
     try:
@@ -579,8 +587,15 @@ def main(argv: list[str] | None = None) -> int:
                 cluster = clusters[system]
                 check_alive(cluster, system)
                 point = run_point(cluster, system, mode, concurrency, warmup, duration)
-                points.append(point)
                 print(_row(point), flush=True)
+                if point.leader_changed:
+                    # A point that spans an election measures the election (and, for the
+                    # Saga Log, records fenced by the new epoch): keep it aside, run again.
+                    discarded.append(point)
+                    print("  (leader changed: discarded, measuring again)", flush=True)
+                    point = run_point(cluster, system, mode, concurrency, warmup, duration, 2)
+                    print(_row(point), flush=True)
+                points.append(point)
                 check_alive(cluster, system)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping the nodes", file=sys.stderr)
@@ -613,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
         f"{duration:g} s per point after {warmup:g} s warm-up"
     )
-    result = report(points, meta)
+    result = report(points, discarded, meta)
     if not args.no_save:
         RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
         RESULTS_FILE.write_text(json.dumps(result, indent=2) + "\n")

@@ -57,7 +57,7 @@ def travel_records(saga_id: str, epoch: int) -> list[log_pb2.Record]:
     for name in ("Hotel", "Car", "Flight", "Payment"):
         records.append(rec.start_t(saga_id, epoch, name, 1))
         records.append(rec.end_t(saga_id, epoch, name, f"{name[0]}-{saga_id}".encode()))
-    records.append(rec.end_saga(saga_id, epoch, log_pb2.COMPLETED))
+    records.append(rec.end_saga(saga_id, epoch, log_pb2.OUTCOME_COMPLETED))
     return records
 
 

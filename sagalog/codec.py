@@ -43,7 +43,7 @@ _KIND_OF_BODY = {
 }
 CLUSTER_BODIES = frozenset({"epoch_start", "member", "forget_member"})
 
-_OUTCOMES = {log_pb2.COMPLETED: Outcome.COMPLETED, log_pb2.ABORTED: Outcome.ABORTED}
+_OUTCOMES = {log_pb2.OUTCOME_COMPLETED: Outcome.COMPLETED, log_pb2.OUTCOME_ABORTED: Outcome.ABORTED}
 
 
 def decode_batch(data: bytes) -> tuple[list[log_pb2.Record], str]:

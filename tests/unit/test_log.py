@@ -53,7 +53,7 @@ def test_a_whole_saga_applies_and_leaves_the_in_flight_index() -> None:
         3,
         rec.start_t("s1", 1, "pay", 1),
         rec.end_t("s1", 1, "pay"),
-        rec.end_saga("s1", 1, log_pb2.COMPLETED),
+        rec.end_saga("s1", 1, log_pb2.OUTCOME_COMPLETED),
     )
     assert list(log.in_flight()) == []
     assert [r.WhichOneof("body") for r in log.records("s1")] == [
@@ -218,7 +218,7 @@ record_strategy = st.one_of(
         lambda s, e, o: rec.end_saga(s, e, o),
         st.sampled_from(SAGAS),
         st.integers(0, 3),
-        st.sampled_from([log_pb2.COMPLETED, log_pb2.ABORTED]),
+        st.sampled_from([log_pb2.OUTCOME_COMPLETED, log_pb2.OUTCOME_ABORTED]),
     ),
     st.builds(lambda n: rec.epoch(n, "n1"), st.integers(1, 3)),
 )

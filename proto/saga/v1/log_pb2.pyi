@@ -10,8 +10,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
-    COMPLETED: _ClassVar[Outcome]
-    ABORTED: _ClassVar[Outcome]
+    OUTCOME_COMPLETED: _ClassVar[Outcome]
+    OUTCOME_ABORTED: _ClassVar[Outcome]
 
 class FailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,8 +26,8 @@ class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DUPLICATE: _ClassVar[Verdict]
     REJECTED: _ClassVar[Verdict]
 OUTCOME_UNSPECIFIED: Outcome
-COMPLETED: Outcome
-ABORTED: Outcome
+OUTCOME_COMPLETED: Outcome
+OUTCOME_ABORTED: Outcome
 FAILURE_KIND_UNSPECIFIED: FailureKind
 BUSINESS: FailureKind
 TRANSPORT_EXHAUSTED: FailureKind
