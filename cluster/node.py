@@ -17,12 +17,14 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2
+from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 
 from cluster import identity as ident
 from cluster.config import NodeConfig, from_args
 from cluster.grpcutil import channel_to
+from cluster.sagas_service import SagasService
 from cluster.service import ClusterService, raft_role
+from coordinator.driver import Driver
 from sagalog import codec
 from sagalog import records as rec
 from sagalog.proposer import ProposeError, Proposer
@@ -87,6 +89,7 @@ class Node:
             ],
         )
         cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, self.server)
+        sagas_pb2_grpc.add_SagasServicer_to_server(SagasService(self), self.server)
         if self.server.add_insecure_port(config.grpc_addr) == 0:
             raise OSError(f"cannot listen on --grpc-addr {config.grpc_addr}")
         self.server.start()
@@ -96,6 +99,9 @@ class Node:
         self._duties = threading.Thread(target=self._run_duties, name="duties", daemon=True)
         self.registered = False
         self.epoch_term = -1  # the Raft term in which this node last committed an Epoch
+        self.epoch_number = 0  # the epoch it committed then
+        self.driver: Driver | None = None
+        self._peer_by_raft_addr = {p.raft_addr: p for p in config.peers}
 
     def start_raft(self) -> None:
         self.raft = SagaLogRaft(
@@ -117,6 +123,22 @@ class Node:
             self.config.data_dir,
         )
 
+    def is_leader(self) -> bool:
+        return self.raft is not None and raft_role(self.raft) == cluster_pb2.LEADER
+
+    def office_epoch(self) -> int | None:
+        """The epoch this node decides records in, while it is in office."""
+        return self.epoch_number if self.in_office() else None
+
+    def leader_grpc_addr(self) -> str | None:
+        leader = self.raft._getLeader() if self.raft is not None else None
+        if leader is None:
+            return None
+        if leader.id == self.config.raft_addr:
+            return self.config.grpc_addr
+        peer = self._peer_by_raft_addr.get(leader.id)
+        return peer.grpc_addr if peer is not None else None
+
     def in_office(self) -> bool:
         """Leader with its own Epoch committed in the current term."""
         raft = self.raft
@@ -131,6 +153,7 @@ class Node:
         self.server.stop(grace=1.0).wait(2.0)
         if self.raft is not None:
             self._duties.join(timeout=5)
+            self._stop_driver()
             self.raft.close()
         log.info("node %s stopped", self.config.id)
 
@@ -148,6 +171,34 @@ class Node:
                         self._take_office(term)
             except ProposeError as exc:
                 log.debug("duty proposal failed, will retry: %s", exc)
+            self._keep_driver()
+
+    def _keep_driver(self) -> None:
+        """The coordinator runs exactly while this node is in office."""
+        assert self.raft is not None
+        driver = self.driver
+        if self.in_office():
+            if driver is None or driver.epoch != self.epoch_number or not driver.running:
+                self._stop_driver()
+                driver = Driver(
+                    self.raft, self.epoch_number, self.config.id, on_fenced=self._fenced
+                )
+                self.raft.saga_log.listener = driver.on_applied
+                self.driver = driver
+                driver.start()
+        elif driver is not None:
+            self._stop_driver()
+
+    def _stop_driver(self) -> None:
+        if self.driver is not None:
+            if self.raft is not None:
+                self.raft.saga_log.listener = None
+            self.driver.stop()
+            self.driver = None
+
+    def _fenced(self) -> None:
+        # A newer epoch committed: whatever this node believes, it is not in office.
+        self.epoch_term = -1
 
     def _propose_one(self, record: log_pb2.Record) -> log_pb2.RecordResult:
         assert self.proposer is not None
@@ -168,6 +219,7 @@ class Node:
             number = saga_log.epoch().number + 1
         result = self._propose_one(rec.epoch(number, self.me.node_id, int(time.time() * 1000)))
         if result.verdict in (log_pb2.ACCEPTED, log_pb2.DUPLICATE):
+            self.epoch_number = number
             self.epoch_term = term
             log.info("node %s took office: epoch %d (term %d)", self.me.node_id, number, term)
         # REJECTED: another epoch committed first; the next round proposes a newer one.

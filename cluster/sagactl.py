@@ -9,14 +9,18 @@ sagactl cluster forget-node --id ID [...]         let a wiped node rejoin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import time
 
 import grpc
-from saga.v1 import cluster_pb2, cluster_pb2_grpc
+import yaml
+from google.protobuf import json_format
+from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2
 
+from cluster.client import SagaClient
 from cluster.grpcutil import channel_to
 from cluster.launcher import LocalCluster, load_state
 
@@ -147,6 +151,109 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 1
 
 
+def _client(args: argparse.Namespace) -> SagaClient:
+    addrs = args.addr.split(",") if args.addr else _addresses(args)
+    return SagaClient(addrs)
+
+
+def load_definition(path: str) -> log_pb2.SagaDefinition:
+    """A saga definition from a YAML or JSON file (field names as in log.proto)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        doc = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise SystemExit(f"sagactl: {path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise SystemExit(f"sagactl: {path} must hold a mapping with 'name' and 'vertices'")
+    try:
+        return json_format.ParseDict(doc, log_pb2.SagaDefinition())
+    except json_format.ParseError as exc:
+        raise SystemExit(f"sagactl: {path}: {exc}") from None
+
+
+def _payload(text: str | None) -> bytes:
+    if text is None:
+        return b""
+    if text.startswith("@"):
+        with open(text[1:], "rb") as f:
+            return f.read()
+    return text.encode()
+
+
+def _describe(record: log_pb2.Record) -> str:
+    body = record.WhichOneof("body") or "?"
+    msg = getattr(record, body)
+    fields = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    fields.pop("definition", None)
+    if "payload" in fields:
+        fields["payload"] = f"{len(msg.payload)} bytes"
+    detail = ", ".join(f"{k}={v}" for k, v in fields.items())
+    return f"{body}({detail}) epoch={record.epoch}"
+
+
+def _print_info(info: sagas_pb2.SagaInfo) -> None:
+    print(f"saga {info.saga_id} ({info.name}): {sagas_pb2.SagaState.Name(info.state)}")
+    if info.abort_reason:
+        print(f"  abort reason: {info.abort_reason}")
+    for v in info.vertices:
+        line = f"  {v.name:12} {sagas_pb2.VertexState.Name(v.state):13} attempts={v.attempts}"
+        if v.compensation_attempts:
+            line += f" compensations={v.compensation_attempts}"
+        if v.output:
+            line += f" output={v.output.decode(errors='replace')}"
+        if v.error:
+            line += f" error={v.error}"
+        print(line)
+
+
+def _watch(client: SagaClient, saga_id: str, from_seq: int = 0) -> None:
+    for event in client.watch(saga_id, from_seq):
+        print(f"  [{event.seq:3}] {_describe(event.record)}", flush=True)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    definition = load_definition(args.file)
+    with _client(args) as client:
+        try:
+            saga_id = client.submit(definition, _payload(args.payload), args.id)
+        except grpc.RpcError as exc:
+            print(f"sagactl: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        print(f"submitted saga {saga_id}")
+        if args.watch:
+            _watch(client, saga_id)
+            _print_info(client.get(saga_id))
+    return 0
+
+
+def cmd_saga(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        try:
+            if args.command == "get":
+                _print_info(client.get(args.saga_id))
+                if args.records:
+                    for i, record in enumerate(client.get(args.saga_id).records):
+                        print(f"  [{i:3}] {_describe(record)}")
+            elif args.command == "list":
+                state = sagas_pb2.SagaState.Value(args.state) if args.state else 0
+                for summary in client.list(state=state):
+                    name = sagas_pb2.SagaState.Name(summary.state)
+                    print(f"{summary.saga_id}  {name:10} {summary.name}")
+            elif args.command == "watch":
+                _watch(client, args.saga_id, args.from_seq)
+            elif args.command == "abort":
+                client.abort(args.saga_id, args.reason)
+                print(f"saga {args.saga_id}: abort requested")
+            elif args.command == "resolve":
+                client.resolve(args.saga_id, args.vertex, args.reason)
+                print(f"saga {args.saga_id}: {args.vertex} marked compensated")
+        except grpc.RpcError as exc:
+            print(f"sagactl: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -189,6 +296,40 @@ def parser() -> argparse.ArgumentParser:
     forget.add_argument("--dir", default=DEFAULT_DIR)
     forget.add_argument("--addr", help="HOST:PORT of any running node's gRPC server")
     forget.set_defaults(func=cmd_forget)
+
+    saga = top.add_parser("saga", help="submit and follow sagas")
+    ssub = saga.add_subparsers(dest="command", required=True)
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        c = ssub.add_parser(name, help=text)
+        c.add_argument("--dir", default=DEFAULT_DIR)
+        c.add_argument("--addr", help="HOST:PORT[,HOST:PORT...] of any nodes")
+        c.set_defaults(func=cmd_saga)
+        return c
+
+    submit = add("submit", "submit a saga from a YAML or JSON definition")
+    submit.add_argument("file")
+    submit.add_argument("--payload", help="the payload, or @FILE")
+    submit.add_argument("--id", help="the saga id (default: generated)")
+    submit.add_argument("--watch", action="store_true", help="follow it live until it ends")
+    submit.set_defaults(func=cmd_submit)
+    get = add("get", "a saga's state and vertices")
+    get.add_argument("saga_id")
+    get.add_argument("--records", action="store_true", help="also print its log records")
+    lst = add("list", "sagas, optionally in one state")
+    lst.add_argument(
+        "--state", choices=[n for n in sagas_pb2.SagaState.keys() if "UNSPEC" not in n]
+    )
+    watch = add("watch", "follow a saga's records live until it ends")
+    watch.add_argument("saga_id")
+    watch.add_argument("--from", dest="from_seq", type=int, default=0)
+    abort = add("abort", "abort a running saga (its started vertices are compensated)")
+    abort.add_argument("saga_id")
+    abort.add_argument("--reason", default="")
+    resolve = add("resolve", "mark a stuck compensation as done by hand")
+    resolve.add_argument("saga_id")
+    resolve.add_argument("--vertex", required=True)
+    resolve.add_argument("--reason", required=True)
     return p
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from saga.v1 import log_pb2
@@ -73,6 +73,9 @@ class SagaLog:
     def __init__(self, kv: KV) -> None:
         self.kv = kv
         self._cache: OrderedDict[str, _Saga] = OrderedDict()
+        # Called after each applied entry with (saga id, seq, record) of every saga
+        # record it accepted. Runs on the applying thread: it must not block.
+        self.listener: Callable[[list[tuple[str, int, log_pb2.Record]]], None] | None = None
 
     # ---- the replicated entry point ------------------------------------------------
 
@@ -91,6 +94,14 @@ class SagaLog:
             self._validate(records, result, ops)
         ops.append((APPLIED_KEY, _u64(raft_index)))
         self.kv.write(ops)
+        if self.listener is not None and not error:
+            accepted = [
+                (record.saga_id, res.seq, record)
+                for record, res in zip(records, result.results, strict=True)
+                if res.verdict == ACCEPTED and record.saga_id
+            ]
+            if accepted:
+                self.listener(accepted)
         return result.SerializeToString()
 
     def _validate(
@@ -250,6 +261,20 @@ class SagaLog:
         if number is None:
             return []
         return [codec.decode_record(v) for _, v in self.kv.scan(RECORDS + _u64(number))]
+
+    def records_from(self, saga_id: str, seq: int) -> list[log_pb2.Record]:
+        """The saga's records from position `seq` on ([] for an unknown id)."""
+        number = self.saga_number(saga_id)
+        if number is None:
+            return []
+        prefix = RECORDS + _u64(number)
+        return [codec.decode_record(v) for _, v in self.kv.scan(prefix, _U32.pack(seq))]
+
+    def saga_ids(self, after: str = "") -> Iterator[str]:
+        """Every saga id in byte order, starting after `after`."""
+        start = after.encode() + b"\x00" if after else b""
+        for key, _ in self.kv.scan(IDS, start):
+            yield key[1:].decode()
 
     def in_flight(self) -> Iterator[str]:
         """Ids of sagas with a StartSaga and no EndSaga: a range scan, not a full scan."""

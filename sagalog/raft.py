@@ -237,7 +237,9 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             os.replace(os.path.join(incoming, "db"), live)
             shutil.rmtree(incoming, ignore_errors=True)
             self._kv = RocksKV(live)
+            listener = self.saga_log.listener
             self.saga_log = SagaLog(self._kv)
+            self.saga_log.listener = listener
         log.info("installed snapshot at index %d", self.saga_log.applied_index())
 
     def close(self) -> None:

@@ -1,0 +1,361 @@
+"""The coordinator's driver: the IO around `coordinator.core`, on the leader only.
+
+One thread, one event queue, no thread per saga. Events are: records applied by
+the Saga Log (the listener hook), participant replies (gRPC futures), proposal
+outcomes (pysyncobj callbacks), and timers (retry backoff). Each loop turn folds
+the events into per-saga views, asks the core what to do, sends every record
+decided in that turn as one Raft entry (group commit without a fixed wait: under
+load a turn collects many sagas' records), and starts the participant calls the
+log says must be outstanding.
+
+The driver acts on applied records, not on proposal callbacks: a lost callback
+only clears a "pending" mark after its deadline, and the next plan proposes the
+record again (the log answers DUPLICATE if it was applied). A periodic sweep of
+the in-flight index re-plans every saga, so nothing is stranded. It stops at once
+when told (leadership lost) and ignores whatever arrives afterwards.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from saga.v1 import log_pb2, participant_pb2_grpc
+
+from coordinator import core
+from coordinator.view import SagaView
+from sagalog import codec
+from sagalog.transitions import Phase
+
+log = logging.getLogger(__name__)
+
+MAX_RECORDS_PER_PROPOSAL = 512  # below codec.MAX_RECORDS_PER_BATCH
+MAX_PROPOSALS_IN_FLIGHT = 64
+PROPOSAL_DEADLINE_S = 3.0
+MAX_CALLS_IN_FLIGHT = 10_000
+SWEEP_INTERVAL_S = 1.0
+TURN_WAIT_S = 0.05  # longest idle wait for an event
+
+
+@dataclass
+class _Run:
+    view: SagaView
+    calls: set[core.Call] = field(default_factory=set)  # outstanding participant calls
+    waiting: set[core.Call] = field(default_factory=set)  # failed calls awaiting a retry
+    pending: set[tuple] = field(default_factory=set)  # record identities proposed, not applied
+    dirty: bool = True
+
+
+def _identity(record: log_pb2.Record) -> tuple:
+    event = codec.to_event(record).event
+    assert event is not None
+    return (record.saga_id, *event.identity)
+
+
+class Driver:
+    """Drives every in-flight saga while this node is in office under `epoch`.
+
+    `raft` needs `apply_batch(bytes, callback=...)` and `reading()`; `now_ms`
+    is the clock (an input, so tests can drive time)."""
+
+    def __init__(
+        self,
+        raft: Any,
+        epoch: int,
+        node_id: str,
+        now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        on_fenced: Callable[[], None] | None = None,
+    ) -> None:
+        self._raft = raft
+        self.epoch = epoch
+        self.node_id = node_id
+        self._now_ms = now_ms
+        self._on_fenced = on_fenced
+        self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._runs: dict[str, _Run] = {}
+        self._timers: list[tuple[float, int, str, core.Call]] = []
+        self._timer_seq = 0
+        self._proposals: dict[int, tuple[float, list[tuple]]] = {}
+        self._proposal_seq = 0
+        self._outbox: list[log_pb2.Record] = []
+        self._calls_in_flight = 0
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"driver-{epoch}", daemon=True)
+        self._next_sweep = 0.0
+        self.stats = {"proposals": 0, "records": 0, "calls": 0, "replies": 0}
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        log.info("driver starts in epoch %d", self.epoch)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._events.put(("wake",))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        for channel in self._channels.values():
+            channel.close()
+        log.info("driver of epoch %d stopped", self.epoch)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def in_flight(self) -> int:
+        return len(self._runs)
+
+    # ---- inputs (any thread) ---------------------------------------------------------
+
+    def on_applied(self, records: list[tuple[str, int, log_pb2.Record]]) -> None:
+        """The Saga Log's listener: runs on the Raft thread, so it only enqueues."""
+        if not self._stop.is_set():
+            self._events.put(("applied", records))
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            self._sweep()
+            while not self._stop.is_set():
+                self._turn()
+        except Exception:
+            log.exception("driver failed; it will be restarted by the node")
+            self._stop.set()
+
+    def _turn(self) -> None:
+        timeout = TURN_WAIT_S
+        if self._timers:
+            timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
+        try:
+            event = self._events.get(timeout=timeout)
+            self._handle(event)
+            while True:  # drain: everything that arrived goes into this turn
+                self._handle(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        if self._stop.is_set():
+            return
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, saga_id, call = heapq.heappop(self._timers)
+            self._retry(saga_id, call)
+        self._expire_proposals(now)
+        if now >= self._next_sweep:
+            self._sweep()
+        now_ms = self._now_ms()
+        for saga_id, run in list(self._runs.items()):
+            if run.dirty:
+                run.dirty = False
+                self._advance(saga_id, run, now_ms)
+        self._flush()
+
+    def _handle(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "applied":
+            for saga_id, seq, record in event[1]:
+                self._apply(saga_id, seq, record)
+        elif kind == "reply":
+            self._reply(event[1], event[2], event[3])
+        elif kind == "proposed":
+            self._proposed(event[1], event[2], event[3])
+
+    # ---- folding the log -------------------------------------------------------------
+
+    def _apply(self, saga_id: str, seq: int, record: log_pb2.Record) -> None:
+        run = self._runs.get(saga_id)
+        if run is None:
+            self._load(saga_id)
+            return
+        run.pending.discard(_identity(record))
+        if seq == run.view.next_seq:
+            run.view.add(record)
+        elif seq > run.view.next_seq:  # a gap: read the saga again from the store
+            self._load(saga_id)
+            return
+        run.dirty = True
+
+    def _load(self, saga_id: str) -> None:
+        with self._raft.reading() as saga_log:
+            records = saga_log.records(saga_id)
+        view = SagaView.from_records(saga_id, records)
+        if view.phase in (Phase.RUNNING, Phase.ABORTING):
+            old = self._runs.get(saga_id)
+            run = _Run(view)
+            if old is not None:  # keep what is outstanding
+                run.calls, run.waiting, run.pending = old.calls, old.waiting, old.pending
+            self._runs[saga_id] = run
+        else:
+            self._runs.pop(saga_id, None)
+
+    def _sweep(self) -> None:
+        """Re-plan every in-flight saga; pick up any the events did not bring."""
+        self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        with self._raft.reading() as saga_log:
+            in_flight = set(saga_log.in_flight())
+        for saga_id in in_flight - self._runs.keys():
+            self._load(saga_id)
+        for saga_id in list(self._runs):
+            if saga_id not in in_flight and self._runs[saga_id].view.phase is Phase.ENDED:
+                del self._runs[saga_id]
+            else:
+                self._runs[saga_id].dirty = True
+
+    # ---- deciding --------------------------------------------------------------------
+
+    def _advance(self, saga_id: str, run: _Run, now_ms: int) -> None:
+        if run.view.phase is Phase.ENDED:
+            self._runs.pop(saga_id, None)
+            return
+        plan = core.plan(run.view, self.epoch, now_ms)
+        self._propose(run, plan.records)
+        for call in plan.calls:
+            if call not in run.calls and call not in run.waiting:
+                self._call(run, call)
+
+    def _propose(self, run: _Run, records: list[log_pb2.Record]) -> None:
+        for record in records:
+            identity = _identity(record)
+            if identity not in run.pending:
+                run.pending.add(identity)
+                self._outbox.append(record)
+
+    def _reply(self, saga_id: str, call: core.Call, reply: core.Reply) -> None:
+        self._calls_in_flight -= 1
+        self.stats["replies"] += 1
+        run = self._runs.get(saga_id)
+        if run is None:
+            return
+        run.calls.discard(call)
+        response = core.on_reply(run.view, call, reply, self.epoch, self._now_ms())
+        self._propose(run, response.records)
+        if response.retry_after_ms is not None:
+            run.waiting.add(call)
+            self._timer_seq += 1
+            due = time.monotonic() + response.retry_after_ms / 1000
+            heapq.heappush(self._timers, (due, self._timer_seq, saga_id, call))
+        elif not response.records:
+            run.dirty = True  # a stale or ignored reply: re-plan
+
+    def _retry(self, saga_id: str, call: core.Call) -> None:
+        run = self._runs.get(saga_id)
+        if run is None:
+            return
+        run.waiting.discard(call)
+        records = core.retry(run.view, call, self.epoch, self._now_ms())
+        if records is None:
+            run.dirty = True
+        elif records:
+            self._propose(run, records)
+        else:
+            self._call(run, call)
+
+    # ---- IO: proposals ---------------------------------------------------------------
+
+    def _flush(self) -> None:
+        while self._outbox and len(self._proposals) < MAX_PROPOSALS_IN_FLIGHT:
+            batch = self._outbox[:MAX_RECORDS_PER_PROPOSAL]
+            del self._outbox[:MAX_RECORDS_PER_PROPOSAL]
+            self._proposal_seq += 1
+            pid = self._proposal_seq
+            identities = [_identity(r) for r in batch]
+            self._proposals[pid] = (time.monotonic() + PROPOSAL_DEADLINE_S, identities)
+            self.stats["proposals"] += 1
+            self.stats["records"] += len(batch)
+
+            def done(result: Any, reason: int, pid: int = pid, batch=batch) -> None:
+                self._events.put(("proposed", pid, result, reason))
+
+            self._raft.apply_batch(codec.encode_batch(batch), callback=done)
+
+    def _proposed(self, pid: int, result: Any, reason: int) -> None:
+        entry = self._proposals.pop(pid, None)
+        if entry is None:
+            return  # expired already
+        _, identities = entry
+        fenced = False
+        if result is not None:
+            parsed = log_pb2.BatchResult()
+            parsed.ParseFromString(result)
+            for identity, res in zip(identities, parsed.results, strict=False):
+                if res.verdict == log_pb2.REJECTED:
+                    if "stale epoch" in res.reason:
+                        fenced = True
+                    else:
+                        log.warning("record %s rejected: %s", identity, res.reason)
+        self._release(identities)
+        if fenced:
+            log.warning("epoch %d was fenced by a newer leader: stopping", self.epoch)
+            self._stop.set()
+            if self._on_fenced is not None:
+                self._on_fenced()
+
+    def _expire_proposals(self, now: float) -> None:
+        for pid, (deadline, identities) in list(self._proposals.items()):
+            if deadline <= now:
+                del self._proposals[pid]
+                self._release(identities)
+
+    def _release(self, identities: list[tuple]) -> None:
+        """Forget the pending marks: what was applied arrived as events; the rest is
+        proposed again by the next plan."""
+        for identity in identities:
+            run = self._runs.get(identity[0])
+            if run is not None:
+                run.pending.discard(identity)
+                run.dirty = True
+
+    # ---- IO: participant calls -------------------------------------------------------
+
+    def _channel(self, endpoint: str) -> grpc.Channel:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = grpc.insecure_channel(
+                endpoint,
+                options=[
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ],
+            )
+            self._channels[endpoint] = channel
+        return channel
+
+    def _call(self, run: _Run, call: core.Call) -> None:
+        if self._calls_in_flight >= MAX_CALLS_IN_FLIGHT:
+            run.dirty = True  # try again next turn
+            return
+        view = run.view
+        vertex = view.vertices[call.vertex]
+        request = core.step_request(view, call, self.epoch)
+        stub = participant_pb2_grpc.ParticipantStub(self._channel(vertex.endpoint))
+        method = stub.Compensate if call.compensation else stub.Execute
+        run.calls.add(call)
+        self._calls_in_flight += 1
+        self.stats["calls"] += 1
+        saga_id = view.saga_id
+        try:
+            future = method.future(request, timeout=core.timeout_ms(vertex) / 1000)
+        except Exception as exc:  # e.g. an endpoint gRPC cannot parse
+            self._events.put(("reply", saga_id, call, core.Reply(None, error=str(exc))))
+            return
+
+        def done(f: Any) -> None:
+            try:
+                reply = f.result()
+                answer = core.Reply(bool(reply.ok), reply.output, reply.error)
+            except grpc.RpcError as exc:
+                answer = core.Reply(None, error=f"{exc.code().name}: {exc.details()}")
+            except Exception as exc:
+                answer = core.Reply(None, error=str(exc))
+            self._events.put(("reply", saga_id, call, answer))
+
+        future.add_done_callback(done)
