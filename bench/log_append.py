@@ -10,7 +10,7 @@ directory, both with the default RaftTiming:
 
 The client proposes through gRPC `Cluster.Propose` to the leader, with N calls in
 flight (N = 1, 16, 256), in two modes: one record per Raft entry, and batches of
-32 records per entry. The records are travel sagas (cluster.demo.travel_records:
+32 records per entry. The records are travel sagas (sagalog.records.completed_saga:
 StartSaga with a 4-vertex definition, StartT/EndT per vertex, EndSaga) under
 distinct saga ids, decided in the leader's current epoch. Every saga-log result is
 checked: only ACCEPTED records count; rejections, duplicates and RPC errors are
@@ -48,10 +48,10 @@ from types import FrameType
 import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2
 
-from cluster.demo import travel_records
 from cluster.grpcutil import CHANNEL_OPTIONS
 from cluster.launcher import LocalCluster
 from sagalog import codec
+from sagalog.records import completed_saga as travel_records
 
 BENCH_DIR = Path(__file__).resolve().parent
 COUNTER_NODE = BENCH_DIR / "counter_node.py"
@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": warmup,
             "duration_s": duration,
             "propose_timeout_ms": PROPOSE_TIMEOUT_MS,
-            "records": "cluster.demo.travel_records (10 records per saga)",
+            "records": "sagalog.records.completed_saga (10 records per saga)",
         },
     }
     print(

@@ -1,133 +1,116 @@
-"""`make demo`: a local three-node Saga Log cluster doing real work, then stopped.
+"""`make demo`: the travel-booking saga on a local three-node cluster.
 
-What it shows, with real processes and disks: a leader is elected; the records of
-travel sagas are committed through any node; duplicates are answered once and
-contradictions rejected; the leader is killed with SIGKILL, a new one takes
-office with a new epoch and the old epoch is fenced; the old leader restarts and
-catches up until every replica's digest is identical.
+Real processes throughout: three `sagalog-node`s (Raft + RocksDB + coordinator on
+the leader) and four participants (Hotel, Car, Flight, Payment), each with its own
+SQLite database. Three sagas, as a user would see them:
 
-(The Saga Execution Coordinator, which writes these records itself while calling
-the travel participants, is the next issue; here the demo plays its part.)
+1. a trip that books everything: Hotel, Car and Flight in parallel, then Payment;
+2. a trip where Car refuses: the saga aborts and Hotel and Flight are cancelled;
+3. a trip during which the leader is killed with SIGKILL while Payment is in
+   flight: a new leader takes office, re-sends Payment (same idempotency key) and
+   finishes the saga; Payment charged once.
+
+Then the replicas' digests are compared: every node holds the same log.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import tempfile
 import time
 
-from saga.v1 import log_pb2
+from saga.v1 import sagas_pb2
 
+from cluster.client import SagaClient
 from cluster.launcher import LocalCluster
 from cluster.logclient import LogClient
 from cluster.sagactl import status_table
-from sagalog import records as rec
-
-VERDICT = {
-    log_pb2.ACCEPTED: "accepted",
-    log_pb2.DUPLICATE: "duplicate",
-    log_pb2.REJECTED: "REJECTED",
-}
-
-
-def travel_definition() -> log_pb2.SagaDefinition:
-    """Hotel, Car and Flight in parallel, then Payment."""
-
-    def vertex(name: str, deps: list[str]) -> log_pb2.Vertex:
-        return log_pb2.Vertex(
-            name=name,
-            endpoint="127.0.0.1:50061",
-            request=f"Book{name}",
-            compensation=f"Cancel{name}",
-            depends_on=deps,
-            timeout_ms=2000,
-            max_attempts=3,
-        )
-
-    parallel = ["Hotel", "Car", "Flight"]
-    return log_pb2.SagaDefinition(
-        name="travel",
-        vertices=[vertex(n, []) for n in parallel] + [vertex("Payment", parallel)],
-    )
-
-
-def travel_records(saga_id: str, epoch: int) -> list[log_pb2.Record]:
-    records = [rec.start_saga(saga_id, epoch, travel_definition(), b'{"trip": "Lisbon"}')]
-    for name in ("Hotel", "Car", "Flight", "Payment"):
-        records.append(rec.start_t(saga_id, epoch, name, 1))
-        records.append(rec.end_t(saga_id, epoch, name, f"{name[0]}-{saga_id}".encode()))
-    records.append(rec.end_saga(saga_id, epoch, log_pb2.OUTCOME_COMPLETED))
-    return records
+from cluster.travel import TravelParticipants, travel_definition
 
 
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def show(info: sagas_pb2.SagaInfo, elapsed_s: float | None = None) -> None:
+    took = f" in {elapsed_s * 1000:.0f} ms" if elapsed_s is not None else ""
+    print(f"saga {info.saga_id}: {sagas_pb2.SagaState.Name(info.state)}{took}")
+    if info.abort_reason:
+        print(f"  why: {info.abort_reason}")
+    for v in info.vertices:
+        out = f" -> {v.output.decode()}" if v.output else ""
+        print(f"  {v.name:8} {sagas_pb2.VertexState.Name(v.state):12}{out}")
+
+
 def run(base_dir: str) -> None:
-    cluster = LocalCluster(base_dir, nodes=3)
-    client = None
+    participants = TravelParticipants(
+        f"{base_dir}/participants",
+        extra_args={
+            "Car": ["--refuse-saga-substring", "no-cars-left"],
+            # Slow enough that the leader can be killed while Payment is in flight.
+            "Payment": ["--latency-ms", "400"],
+        },
+    )
+    cluster = LocalCluster(f"{base_dir}/cluster", nodes=3)
     try:
-        say("starting three sagalog-node processes on loopback")
-        t0 = time.monotonic()
+        say("starting the Hotel, Car, Flight and Payment participants and three nodes")
+        participants.start_all()
+        participants.wait_ready(timeout_s=15)
         cluster.start_all()
         leader = cluster.wait_for_leader(timeout_s=15)
-        print(
-            f"leader {leader.id} took office (epoch {leader.epoch}) after "
-            f"{time.monotonic() - t0:.2f}s"
-        )
         print(status_table([s.grpc_addr for s in cluster.specs.values()]))
-        addrs = {n: s.grpc_addr for n, s in cluster.specs.items()}
-        client = LogClient(list(addrs.values()))
+        addrs = [s.grpc_addr for s in cluster.specs.values()]
+        client = SagaClient(addrs)
+        definition = travel_definition(participants.endpoints)
 
-        say("committing 20 travel sagas, each through a different node")
-        nodes = list(addrs)
+        say("1. a trip to Lisbon: everything available")
         t0 = time.monotonic()
-        for i in range(20):
-            via = addrs[nodes[i % 3]]
-            result = client.propose(travel_records(f"trip-{i}", leader.epoch), via=via)
-            assert all(r.verdict == log_pb2.ACCEPTED for r in result.results), result
-        print(f"20 sagas x 10 records committed in {time.monotonic() - t0:.2f}s")
+        client.submit(definition, b'{"to": "Lisbon"}', saga_id="trip-lisbon")
+        show(client.wait_for_end("trip-lisbon"), time.monotonic() - t0)
 
-        say("the same records again, and a contradiction")
-        again = client.propose(travel_records("trip-0", leader.epoch)[:2])
-        bad = client.propose([rec.end_t("trip-999", leader.epoch, "Hotel")])
-        for r in list(again.results) + list(bad.results):
-            print(f"  {VERDICT[r.verdict]:9} {r.reason}")
-
-        say(f"SIGKILL the leader {leader.id}")
-        old_leader, old_epoch = leader.id, leader.epoch
+        say("2. a trip to Oslo: no cars left, so the whole trip is undone")
         t0 = time.monotonic()
-        cluster.kill(old_leader)
-        survivors = [n for n in nodes if n != old_leader]
-        leader = cluster.wait_for_leader(timeout_s=15, among=survivors)
-        print(
-            f"new leader {leader.id} took office with epoch {leader.epoch} after "
-            f"{time.monotonic() - t0:.2f}s"
-        )
-        fenced = client.propose(
-            [rec.start_saga("late", old_epoch, travel_definition())], via=addrs[survivors[0]]
-        )
-        print(
-            f"  a record decided in the old epoch {old_epoch}: "
-            f"{VERDICT[fenced.results[0].verdict]} ({fenced.results[0].reason})"
-        )
-        for i in range(20, 30):
-            client.propose(travel_records(f"trip-{i}", leader.epoch), via=addrs[survivors[i % 2]])
-        print("10 more sagas committed by the two survivors")
+        client.submit(definition, b'{"to": "Oslo"}', saga_id="trip-oslo-no-cars-left")
+        show(client.wait_for_end("trip-oslo-no-cars-left"), time.monotonic() - t0)
 
-        say(f"restart {old_leader} from its data directory; wait until replicas agree")
-        cluster.start(old_leader)
+        say(f"3. a trip to Rome; the leader {leader.id} is killed while Payment is in flight")
+        client.submit(definition, b'{"to": "Rome"}', saga_id="trip-rome")
+        for event in client.watch("trip-rome"):
+            if event.record.HasField("start_t") and event.record.start_t.vertex == "Payment":
+                break
+        cluster.kill(leader.id, signal.SIGKILL)
+        killed = time.monotonic()
+        print(f"StartT(Payment) is committed; SIGKILL {leader.id}")
+        new = cluster.wait_for_leader(15, among=[n for n in cluster.specs if n != leader.id])
+        print(
+            f"{new.id} took office with epoch {new.epoch} "
+            f"{time.monotonic() - killed:.2f}s after the kill"
+        )
+        show(client.wait_for_end("trip-rome"))
+        payments = [c for c in participants.state("Payment").calls if c.saga_id == "trip-rome"]
+        payment = participants.state("Payment")
+        charges = [b for b in payment.bookings.values() if b.saga_id == "trip-rome"]
+        print(
+            f"Payment received {len(payments)} call(s) for trip-rome "
+            f"(epochs {sorted({c.epoch for c in payments})}) and charged {len(charges)} time(s)"
+        )
+
+        say(f"restarting {leader.id}; every replica must hold the same log")
+        cluster.start(leader.id)
+        log_client = LogClient(addrs)
         deadline = time.monotonic() + 20
         while True:
-            digests = {
-                n: client.digest(a) for n, a in addrs.items() if cluster.status(n) is not None
-            }
+            try:
+                digests = {
+                    n: log_client.digest(a) for n, a in zip(cluster.specs, addrs, strict=True)
+                }
+            except Exception:
+                digests = {}
             if (
                 len(digests) == 3
-                and len({d.sha256 for d in digests.values()}) == 1
-                and len({d.applied_index for d in digests.values()}) == 1
+                and len({(d.sha256, d.applied_index) for d in digests.values()}) == 1
             ):
                 break
             if time.monotonic() > deadline:
@@ -135,18 +118,19 @@ def run(base_dir: str) -> None:
             time.sleep(0.1)
         for node_id, d in digests.items():
             print(
-                f"  {node_id}: applied {d.applied_index}, {d.sagas} sagas, "
-                f"{d.records} records, sha256 {d.sha256[:16]}"
+                f"  {node_id}: applied {d.applied_index}, {d.sagas} sagas, {d.records} records,"
+                f" sha256 {d.sha256[:16]}"
             )
-        print(status_table([s.grpc_addr for s in cluster.specs.values()]))
-        say("done: every replica holds the same log")
+        log_client.close()
+        client.close()
+        say("done")
     except Exception:
         print(cluster.logs(30))
+        print(participants.logs())
         raise
     finally:
-        if client is not None:
-            client.close()
         cluster.stop_all()
+        participants.stop_all()
 
 
 def main() -> None:

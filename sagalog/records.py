@@ -139,3 +139,28 @@ def chain_definition(*names: str, endpoint: str = "127.0.0.1:1") -> log_pb2.Saga
             )
         )
     return log_pb2.SagaDefinition(name="chain", vertices=vertices)
+
+
+def completed_saga(saga_id: str, epoch: int, payload: bytes = b"{}") -> list[log_pb2.Record]:
+    """The ten records of a travel-shaped saga (Hotel, Car, Flight in parallel, then
+    Payment) that completed: test and benchmark data for the log alone."""
+    parallel = ["Hotel", "Car", "Flight"]
+    vertices = [
+        log_pb2.Vertex(
+            name=name,
+            endpoint="127.0.0.1:50061",
+            request=f"Book{name}",
+            compensation=f"Cancel{name}",
+            depends_on=parallel if name == "Payment" else [],
+            timeout_ms=2000,
+            max_attempts=3,
+        )
+        for name in parallel + ["Payment"]
+    ]
+    definition = log_pb2.SagaDefinition(name="travel", vertices=vertices)
+    records = [start_saga(saga_id, epoch, definition, payload)]
+    for name in parallel + ["Payment"]:
+        records.append(start_t(saga_id, epoch, name, 1))
+        records.append(end_t(saga_id, epoch, name, f"{name[0]}-{saga_id}".encode()))
+    records.append(end_saga(saga_id, epoch, log_pb2.OUTCOME_COMPLETED))
+    return records

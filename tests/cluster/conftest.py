@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from saga.v1 import log_pb2
 
-from cluster.demo import travel_records
 from cluster.launcher import LocalCluster
 from cluster.logclient import LogClient
+from sagalog.records import completed_saga as travel_records
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -194,7 +194,7 @@ def test_no_write_is_acknowledged_without_a_majority(harness) -> None:
     for n in others:
         harness.cluster.kill(n, signal.SIGKILL)
     epoch = harness.cluster.status(leader).epoch
-    from cluster.demo import travel_records
+    from sagalog.records import completed_saga as travel_records
 
     with pytest.raises((TimeoutError, grpc.RpcError)):
         harness.client.propose(

@@ -6,8 +6,6 @@ the durability tests run real `cluster.participant` processes and kill -9 them.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -304,7 +302,7 @@ def test_travel_definition_is_three_in_parallel_then_payment() -> None:
 
 
 @pytest.fixture
-def travel(tmp_path, request) -> Iterator[Callable[..., TravelParticipants]]:
+def travel(tmp_path) -> Iterator[Callable[..., TravelParticipants]]:
     made: list[TravelParticipants] = []
 
     def make(**kwargs: Any) -> TravelParticipants:
@@ -316,8 +314,7 @@ def travel(tmp_path, request) -> Iterator[Callable[..., TravelParticipants]]:
     yield make
     for participants in made:
         participants.stop_all()
-        if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
-            print(participants.logs(40))
+        print(participants.logs(40))  # pytest shows it only if the test failed
 
 
 @pytest.mark.cluster
@@ -328,10 +325,8 @@ def test_state_survives_kill_9_and_a_crash_after_the_effect(travel) -> None:
     participants = travel(
         extra_args={"Flight": ["--crash-after-calls", "1", "--fault-point", "after-effect"]}
     )
-    stubs = {
-        name: participant_pb2_grpc.ParticipantStub(channel_to(addr))
-        for name, addr in participants.endpoints.items()
-    }
+    channels = {name: channel_to(addr) for name, addr in participants.endpoints.items()}
+    stubs = {name: participant_pb2_grpc.ParticipantStub(ch) for name, ch in channels.items()}
     hotel = execute(stubs["Hotel"], "trip-1", "Hotel")
     assert hotel.ok and execute(stubs["Car"], "trip-1", "Car").ok
     with pytest.raises(grpc.RpcError) as err:
@@ -363,10 +358,10 @@ def test_state_survives_kill_9_and_a_crash_after_the_effect(travel) -> None:
     assert flight_state.bookings[request_key("trip-1", "Flight")].output == flight.output
     assert [c.answer for c in flight_state.calls] == [ANSWER_CRASH, ANSWER_OK]
 
+    for channel in channels.values():
+        channel.close()
     participants.stop_all()
     assert {name: proc.returncode for name, proc in participants.procs.items()} == {
         name: 0 for name in TRAVEL_SERVICES
     }  # SIGTERM stops them cleanly
-    assert os.path.exists(participants.log_path("Hotel"))
-    assert "participant Hotel listening on" in participants.logs()
-    assert signal.SIGKILL  # (kill() above used the default: a real crash)
+    assert participants.logs().count("participant Hotel listening on") == 2
