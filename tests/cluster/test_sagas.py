@@ -1,0 +1,305 @@
+"""The Sagas API and the coordinator on a real cluster with real participants.
+
+Every test ends with the saga guarantee checked against the participants' own
+databases: a COMPLETED saga has every request in effect; an ABORTED one has none.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from saga.v1 import log_pb2, sagas_pb2
+
+from cluster.client import SagaClient
+from cluster.launcher import LocalCluster
+from cluster.travel import TravelParticipants, travel_definition
+from coordinator.core import request_key
+from sagalog import codec
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
+    c = LocalCluster(str(tmp_path_factory.mktemp("sagas")), nodes=3)
+    c.start_all()
+    try:
+        c.wait_for_leader(15)
+        yield c
+    except BaseException:
+        print(c.logs(80))
+        raise
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture
+def client(cluster) -> Iterator[SagaClient]:
+    with SagaClient([s.grpc_addr for s in cluster.specs.values()]) as c:
+        yield c
+
+
+@pytest.fixture
+def make_participants(tmp_path, request, cluster):
+    started: list[TravelParticipants] = []
+
+    def make(**extra_args) -> TravelParticipants:
+        p = TravelParticipants(str(tmp_path / f"p{len(started)}"), extra_args=extra_args)
+        started.append(p)
+        p.start_all()
+        p.wait_ready(15)
+        return p
+
+    yield make
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for p in started:
+        if failed:
+            print(p.logs())
+            print(cluster.logs(60))
+        p.stop_all()
+
+
+def check_guarantee(client: SagaClient, parts: TravelParticipants, saga_ids: list[str]) -> None:
+    states = {name: parts.state(name) for name in parts.services}
+    for saga_id in saga_ids:
+        info = client.get(saga_id)
+        effects = {
+            name: states[name].bookings.get(request_key(saga_id, name)) for name in parts.services
+        }
+        in_effect = [n for n, b in effects.items() if b is not None and b.status == "in_effect"]
+        if info.state == sagas_pb2.COMPLETED:
+            assert sorted(in_effect) == sorted(parts.services), (saga_id, effects)
+        else:
+            assert info.state == sagas_pb2.ABORTED, (saga_id, info)
+            assert in_effect == [], (saga_id, in_effect)
+
+
+def states(info: sagas_pb2.SagaInfo) -> dict[str, str]:
+    return {v.name: sagas_pb2.VertexState.Name(v.state) for v in info.vertices}
+
+
+def test_the_travel_saga_completes_whichever_node_is_asked(cluster, make_participants) -> None:
+    parts = make_participants()
+    definition = travel_definition(parts.endpoints)
+    ids = []
+    for node_id, spec in cluster.specs.items():
+        with SagaClient([spec.grpc_addr]) as one_node:
+            saga_id = one_node.submit(definition, b'{"to": "Lisbon"}', saga_id=f"via-{node_id}")
+            info = one_node.wait_for_end(saga_id, 30)
+        assert info.state == sagas_pb2.COMPLETED, info
+        assert set(states(info).values()) == {"DONE"}
+        kinds = [r.WhichOneof("body") for r in info.records]
+        assert kinds[0] == "start_saga" and kinds[-1] == "end_saga" and len(kinds) == 10
+        ids.append(saga_id)
+    with SagaClient([s.grpc_addr for s in cluster.specs.values()]) as client:
+        check_guarantee(client, parts, ids)
+
+
+def test_submit_is_idempotent_and_a_different_saga_under_the_same_id_is_refused(
+    client, make_participants
+) -> None:
+    parts = make_participants()
+    definition = travel_definition(parts.endpoints)
+    first = client.submit(definition, b"p", saga_id="same-id")
+    again = client.submit(definition, b"p", saga_id="same-id")
+    assert first == again == "same-id"
+    with pytest.raises(grpc.RpcError) as refused:
+        client.submit(definition, b"other payload", saga_id="same-id")
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "same-id" in refused.value.details()
+    generated = client._call("Submit", sagas_pb2.SubmitRequest(definition=definition))
+    assert generated.saga_id and generated.created
+    client.wait_for_end("same-id", 30)
+    client.wait_for_end(generated.saga_id, 30)
+    check_guarantee(client, parts, ["same-id", generated.saga_id])
+
+
+@pytest.mark.parametrize(
+    "mutate,needle",
+    [
+        (lambda d: d.vertices[3].depends_on.append("Nowhere"), "unknown"),
+        (lambda d: d.vertices[0].depends_on.append("Payment"), "cycle"),
+        (lambda d: d.ClearField("vertices"), "no vertices"),
+        (lambda d: setattr(d.vertices[1], "name", "Hotel"), "duplicate"),
+        (lambda d: setattr(d.vertices[1], "name", ""), "empty name"),
+        (lambda d: setattr(d.vertices[0], "max_attempts", 10_000), "max_attempts"),
+        (lambda d: setattr(d.vertices[0], "endpoint", "not an endpoint"), "endpoint"),
+    ],
+)
+def test_a_malformed_definition_is_invalid_argument_and_names_the_problem(
+    client, mutate, needle
+) -> None:
+    definition = travel_definition(
+        {n: "127.0.0.1:1" for n in ("Hotel", "Car", "Flight", "Payment")}
+    )
+    mutate(definition)
+    with pytest.raises(grpc.RpcError) as bad:
+        client.submit(definition, saga_id="bad-def")
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in bad.value.details()
+
+
+def test_bounds_on_ids_and_payloads_are_clear_errors(client) -> None:
+    definition = travel_definition(
+        {n: "127.0.0.1:1" for n in ("Hotel", "Car", "Flight", "Payment")}
+    )
+    for saga_id, payload in [
+        ("x" * (codec.MAX_SAGA_ID_LEN + 1), b""),
+        ("bad id!", b""),
+        ("big", b"x" * (codec.MAX_PAYLOAD_BYTES + 1)),
+    ]:
+        with pytest.raises(grpc.RpcError) as bad:
+            client.submit(definition, payload, saga_id=saga_id)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "limit" in bad.value.details() or "may hold only" in bad.value.details()
+    for call in (lambda: client.get("no-such-saga"), lambda: client.abort("no-such-saga")):
+        with pytest.raises(grpc.RpcError) as missing:
+            call()
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_car_refuses_and_hotel_and_flight_are_cancelled(client, make_participants) -> None:
+    parts = make_participants(Car=["--refuse-saga-substring", "no-cars"])
+    saga_id = client.submit(travel_definition(parts.endpoints), saga_id="trip-no-cars")
+    info = client.wait_for_end(saga_id, 30)
+    assert info.state == sagas_pb2.ABORTED
+    assert "Car refused" in info.abort_reason
+    assert states(info) == {
+        "Hotel": "COMPENSATED",
+        "Car": "COMPENSATED",
+        "Flight": "COMPENSATED",
+        "Payment": "PENDING",
+    }
+    assert parts.state("Payment").calls == []
+    check_guarantee(client, parts, [saga_id])
+
+
+def test_a_user_abort_compensates_and_an_ended_saga_cannot_be_aborted(
+    client, make_participants
+) -> None:
+    parts = make_participants(Payment=["--latency-ms", "1500"])
+    saga_id = client.submit(travel_definition(parts.endpoints), saga_id="trip-user-abort")
+    for event in client.watch(saga_id):
+        if event.record.HasField("start_t") and event.record.start_t.vertex == "Payment":
+            break
+    client.abort(saga_id, "changed my mind")
+    client.abort(saga_id, "changed my mind")  # idempotent while aborting
+    info = client.wait_for_end(saga_id, 30)
+    assert info.state == sagas_pb2.ABORTED and info.abort_reason == "changed my mind"
+    with pytest.raises(grpc.RpcError) as ended:
+        client.abort(saga_id)
+    assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    check_guarantee(client, parts, [saga_id])
+
+
+def test_a_hanging_participant_is_retried_then_the_saga_aborts(client, make_participants) -> None:
+    parts = make_participants(Hotel=["--hang-rate", "1", "--hang-s", "5"])
+    definition = travel_definition(parts.endpoints, timeout_ms=300, max_attempts=2)
+    saga_id = client.submit(definition, saga_id="trip-hotel-hangs")
+    deadline = time.monotonic() + 30
+    while client.get(saga_id).state == sagas_pb2.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    info = client.get(saga_id)
+    hotel = next(v for v in info.vertices if v.name == "Hotel")
+    assert hotel.attempts == 2 and "unreachable" in info.abort_reason
+    fail = [r.fail_t for r in info.records if r.HasField("fail_t")]
+    assert fail and fail[0].kind == log_pb2.TRANSPORT_EXHAUSTED
+    # The hotel hangs on its compensation too: the saga waits for it, then ends
+    # once the hotel answers again.
+    assert info.state in (sagas_pb2.ABORTING, sagas_pb2.STUCK)
+    parts.restart("Hotel", extra_args=[])
+    parts.wait_ready(15)
+    assert client.wait_for_end(saga_id, 30).state == sagas_pb2.ABORTED
+    check_guarantee(client, parts, [saga_id])
+
+
+def test_a_compensation_that_keeps_failing_is_stuck_retried_and_resolvable(
+    client, make_participants
+) -> None:
+    parts = make_participants(
+        Car=["--refuse-saga-substring", "stuck"],
+        Hotel=["--compensate-error-rate", "1"],
+    )
+    saga_id = client.submit(travel_definition(parts.endpoints), saga_id="trip-stuck")
+    deadline = time.monotonic() + 30
+    while client.get(saga_id).state != sagas_pb2.STUCK:
+        assert time.monotonic() < deadline, client.get(saga_id)
+        time.sleep(0.1)
+    before = next(v for v in client.get(saga_id).vertices if v.name == "Hotel")
+    time.sleep(1.0)
+    after = next(v for v in client.get(saga_id).vertices if v.name == "Hotel")
+    assert after.compensation_attempts > before.compensation_attempts  # still retried
+    with pytest.raises(grpc.RpcError) as no_reason:
+        client.resolve(saga_id, "Hotel", "")
+    assert no_reason.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    client.resolve(saga_id, "Hotel", "cancelled by phone with the hotel")
+    info = client.wait_for_end(saga_id, 30)
+    assert info.state == sagas_pb2.ABORTED
+    assert any("by phone" in r.end_c.resolved_by for r in info.records if r.HasField("end_c"))
+
+
+def test_a_participant_down_during_compensation_is_waited_for(client, make_participants) -> None:
+    parts = make_participants(
+        Car=["--refuse-saga-substring", "down"], Flight=["--latency-ms", "300"]
+    )
+    parts.kill("Hotel")
+    saga_id = client.submit(travel_definition(parts.endpoints), saga_id="trip-hotel-down")
+    deadline = time.monotonic() + 30
+    while states(client.get(saga_id))["Hotel"] not in ("COMPENSATING", "VERTEX_STUCK"):
+        assert time.monotonic() < deadline, client.get(saga_id)
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert client.get(saga_id).state in (sagas_pb2.ABORTING, sagas_pb2.STUCK)
+    parts.restart("Hotel")
+    parts.wait_ready(15)
+    info = client.wait_for_end(saga_id, 30)
+    assert info.state == sagas_pb2.ABORTED
+    check_guarantee(client, parts, [saga_id])
+
+
+def test_watch_streams_until_the_end_and_list_pages_and_filters(client, make_participants) -> None:
+    parts = make_participants(Car=["--refuse-saga-substring", "listed-abort"])
+    definition = travel_definition(parts.endpoints)
+    done = client.submit(definition, saga_id="listed-ok")
+    aborted = client.submit(definition, saga_id="listed-abort")
+    events = list(client.watch(done))
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert events[-1].record.HasField("end_saga")
+    tail = list(client.watch(done, from_seq=len(events) - 2))
+    assert [e.seq for e in tail] == [len(events) - 2, len(events) - 1]
+    client.wait_for_end(aborted, 30)
+    everything = {s.saga_id: s.state for s in client.list(page_size=2)}
+    assert everything["listed-ok"] == sagas_pb2.COMPLETED
+    assert everything["listed-abort"] == sagas_pb2.ABORTED
+    only_aborted = {s.saga_id for s in client.list(state=sagas_pb2.ABORTED)}
+    assert "listed-abort" in only_aborted and "listed-ok" not in only_aborted
+    check_guarantee(client, parts, [done, aborted])
+
+
+def test_the_leader_killed_mid_saga_a_new_leader_finishes_every_saga(
+    tmp_path, make_participants
+) -> None:
+    parts = make_participants(Payment=["--latency-ms", "300"], Flight=["--latency-ms", "100"])
+    own = LocalCluster(str(tmp_path / "own"), nodes=3)
+    own.start_all()
+    try:
+        leader = own.wait_for_leader(15)
+        with SagaClient([s.grpc_addr for s in own.specs.values()]) as client:
+            definition = travel_definition(parts.endpoints)
+            ids = [client.submit(definition, saga_id=f"fo-{i}") for i in range(30)]
+            own.kill(leader.id, signal.SIGKILL)
+            ended = [client.wait_for_end(i, 60) for i in ids]
+            assert all(info.state == sagas_pb2.COMPLETED for info in ended)
+            check_guarantee(client, parts, ids)
+            epochs = {c.epoch for c in parts.state("Payment").calls}
+            assert len(epochs) >= 1
+    except BaseException:
+        print(own.logs(80))
+        raise
+    finally:
+        own.stop_all()
