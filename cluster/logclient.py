@@ -65,6 +65,12 @@ class LogClient:
     def digest(self, addr: str, timeout_s: float = 5.0) -> cluster_pb2.DigestReply:
         return self.stub(addr).Digest(cluster_pb2.DigestRequest(), timeout=timeout_s)
 
+    def __enter__(self) -> LogClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()

@@ -9,16 +9,20 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import grpc
 import pytest
-from saga.v1 import log_pb2, sagas_pb2
+from saga.v1 import log_pb2, participant_pb2, participant_pb2_grpc, sagas_pb2
 
 from cluster.client import SagaClient
 from cluster.launcher import LocalCluster
+from cluster.logclient import LogClient
+from cluster.participant import FaultDecider, Faults
 from cluster.travel import TravelParticipants, travel_definition
 from coordinator.core import request_key
 from sagalog import codec
+from sagalog import records as rec
 
 pytestmark = pytest.mark.cluster
 
@@ -281,23 +285,128 @@ def test_watch_streams_until_the_end_and_list_pages_and_filters(client, make_par
     check_guarantee(client, parts, [done, aborted])
 
 
-def test_the_leader_killed_mid_saga_a_new_leader_finishes_every_saga(
+@pytest.mark.parametrize("refuser", ["Hotel", "Car", "Flight", "Payment"])
+def test_a_business_failure_at_each_vertex_undoes_what_was_done(
+    client, make_participants, refuser
+) -> None:
+    parts = make_participants(**{refuser: ["--refuse-saga-substring", "refused-by"]})
+    saga_id = client.submit(travel_definition(parts.endpoints), saga_id=f"refused-by-{refuser}")
+    info = client.wait_for_end(saga_id, 30)
+    assert info.state == sagas_pb2.ABORTED and refuser in info.abort_reason
+    vertex_states = states(info)
+    if refuser == "Payment":  # everything before it was booked, then undone
+        assert set(vertex_states.values()) == {"COMPENSATED"}
+    else:
+        assert vertex_states["Payment"] == "PENDING"
+    check_guarantee(client, parts, [saga_id])
+
+
+def _seed_failing_first_attempt_only(key: str, rate: float) -> int:
+    """A participant seed whose transport-error draw fails attempt 1 and passes 2."""
+    for seed in range(10_000):
+        draws = [
+            FaultDecider(Faults(seed=seed)).draw(
+                "transport", SimpleNamespace(kind="execute", idempotency_key=key, attempt=a)
+            )
+            for a in (1, 2)
+        ]
+        if draws[0] < rate <= draws[1]:
+            return seed
+    raise AssertionError("no seed found")
+
+
+def test_a_transport_failure_is_retried_and_then_succeeds(client, make_participants) -> None:
+    saga_id = "trip-retry-ok"
+    seed = _seed_failing_first_attempt_only(request_key(saga_id, "Hotel"), 0.5)
+    parts = make_participants(Hotel=["--transport-error-rate", "0.5", "--seed", str(seed)])
+    client.submit(travel_definition(parts.endpoints, max_attempts=3), saga_id=saga_id)
+    info = client.wait_for_end(saga_id, 30)
+    assert info.state == sagas_pb2.COMPLETED
+    hotel = next(v for v in info.vertices if v.name == "Hotel")
+    assert hotel.attempts == 2
+    answers = [c.answer for c in parts.state("Hotel").calls]
+    assert answers == ["unavailable", "ok"]
+    check_guarantee(client, parts, [saga_id])
+
+
+def test_a_lost_reply_in_a_saga_that_aborts_is_cancelled(client, make_participants) -> None:
+    """Hotel books, then dies before answering; Car refuses. The coordinator never
+    heard of the booking, yet it is cancelled (the compensation names the request)."""
+    parts = make_participants(
+        Hotel=["--crash-after-calls", "1", "--fault-point", "after-effect"],
+        Car=["--refuse-saga-substring", "lost-reply"],
+        Flight=["--latency-ms", "200"],
+    )
+    saga_id = client.submit(travel_definition(parts.endpoints), saga_id="trip-lost-reply")
+    deadline = time.monotonic() + 15
+    while parts.alive("Hotel"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    booked = parts.state("Hotel").bookings[request_key(saga_id, "Hotel")]
+    assert booked.status == "in_effect"  # the effect exists; the reply was lost
+    parts.restart("Hotel", extra_args=[])
+    parts.wait_ready(15)
+    info = client.wait_for_end(saga_id, 30)
+    assert info.state == sagas_pb2.ABORTED
+    hotel = parts.state("Hotel").bookings[request_key(saga_id, "Hotel")]
+    assert hotel.status == "cancelled"
+    check_guarantee(client, parts, [saga_id])
+
+
+def test_a_cancel_that_arrives_before_its_book_leaves_a_tombstone(make_participants) -> None:
+    parts = make_participants()
+    with grpc.insecure_channel(parts.endpoints["Hotel"]) as channel:
+        stub = participant_pb2_grpc.ParticipantStub(channel)
+        key = "race/Hotel/request"
+        common = dict(saga_id="race", vertex="Hotel", request_key=key, attempt=1, epoch=1)
+        undo = stub.Compensate(
+            participant_pb2.StepRequest(
+                action="CancelHotel", idempotency_key="race/Hotel/compensation", **common
+            ),
+            timeout=5,
+        )
+        late = stub.Execute(
+            participant_pb2.StepRequest(action="BookHotel", idempotency_key=key, **common),
+            timeout=5,
+        )
+    assert undo.ok and not late.ok
+    state = parts.state("Hotel")
+    assert key in state.tombstones and state.in_effect() == []
+
+
+def test_200_sagas_survive_a_leader_kill_and_the_deposed_epoch_is_fenced(
     tmp_path, make_participants
 ) -> None:
-    parts = make_participants(Payment=["--latency-ms", "300"], Flight=["--latency-ms", "100"])
+    parts = make_participants(
+        Car=["--refuse-saga-substring", "refuse"],
+        Payment=["--latency-ms", "100"],
+    )
     own = LocalCluster(str(tmp_path / "own"), nodes=3)
     own.start_all()
     try:
         leader = own.wait_for_leader(15)
         with SagaClient([s.grpc_addr for s in own.specs.values()]) as client:
             definition = travel_definition(parts.endpoints)
-            ids = [client.submit(definition, saga_id=f"fo-{i}") for i in range(30)]
+            ids = [
+                client.submit(definition, saga_id=f"fo-{'refuse-' if i % 5 == 0 else ''}{i}")
+                for i in range(200)
+            ]
             own.kill(leader.id, signal.SIGKILL)
+            killed = time.monotonic()
             ended = [client.wait_for_end(i, 60) for i in ids]
-            assert all(info.state == sagas_pb2.COMPLETED for info in ended)
+            print(f"200 sagas ended {time.monotonic() - killed:.2f}s after the leader's kill")
+            for saga_id, info in zip(ids, ended, strict=True):
+                expected = sagas_pb2.ABORTED if "refuse" in saga_id else sagas_pb2.COMPLETED
+                assert info.state == expected, (saga_id, info.state)
             check_guarantee(client, parts, ids)
-            epochs = {c.epoch for c in parts.state("Payment").calls}
-            assert len(epochs) >= 1
+            # A record decided in the deposed leader's epoch is refused.
+            survivor = next(s for n, s in own.specs.items() if n != leader.id)
+            with LogClient([survivor.grpc_addr]) as log_client:
+                late = log_client.propose(
+                    [rec.abort_saga(ids[1], leader.epoch, "from the old leader")]
+                )
+            assert late.results[0].verdict == log_pb2.REJECTED
+            assert "fenced" in late.results[0].reason
     except BaseException:
         print(own.logs(80))
         raise
