@@ -44,6 +44,18 @@ def show(info: sagas_pb2.SagaInfo, elapsed_s: float | None = None) -> None:
         print(f"  {v.name:8} {sagas_pb2.VertexState.Name(v.state):12}{out}")
 
 
+def print_bookings(participants: TravelParticipants) -> None:
+    """What each participant's own database says: the ground truth of the guarantee."""
+    rows = []
+    for name in participants.services:
+        for booking in participants.state(name).bookings.values():
+            rows.append((booking.saga_id, name, booking.status, booking.output.decode() or "-"))
+    rows.sort()
+    width = max(len(r[0]) for r in rows)
+    for saga_id, name, status, output in rows:
+        print(f"  {saga_id:{width}}  {name:8} {status:10} {output}")
+
+
 def run(base_dir: str) -> None:
     participants = TravelParticipants(
         f"{base_dir}/participants",
@@ -96,6 +108,9 @@ def run(base_dir: str) -> None:
             f"Payment received {len(payments)} call(s) for trip-rome "
             f"(epochs {sorted({c.epoch for c in payments})}) and charged {len(charges)} time(s)"
         )
+
+        say("the participants' final bookings")
+        print_bookings(participants)
 
         say(f"restarting {leader.id}; every replica must hold the same log")
         cluster.start(leader.id)

@@ -23,6 +23,7 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2
 from cluster.client import SagaClient
 from cluster.grpcutil import channel_to
 from cluster.launcher import LocalCluster, load_state
+from cluster.travel import TravelParticipants, travel_definition
 
 DEFAULT_DIR = "sagacluster-data"
 ROLE_NAMES = {
@@ -188,6 +189,8 @@ def _describe(record: log_pb2.Record) -> str:
     fields.pop("definition", None)
     if "payload" in fields:
         fields["payload"] = f"{len(msg.payload)} bytes"
+    if "output" in fields:
+        fields["output"] = msg.output.decode(errors="replace")
     detail = ", ".join(f"{k}={v}" for k, v in fields.items())
     return f"{body}({detail}) epoch={record.epoch}"
 
@@ -254,6 +257,45 @@ def cmd_saga(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAVEL_STATE = "travel.json"
+
+
+def cmd_travel_up(args: argparse.Namespace) -> int:
+    base = os.path.join(args.dir, "participants")
+    parts = TravelParticipants(base)
+    parts.start_all(detach=True)
+    try:
+        parts.wait_ready(timeout_s=15)
+    except Exception as exc:
+        parts.stop_all()
+        print(f"sagactl: participants did not start: {exc}", file=sys.stderr)
+        return 1
+    with open(os.path.join(args.dir, TRAVEL_STATE), "w") as f:
+        json.dump({n: parts.pid(n) for n in parts.services}, f)
+    definition = travel_definition(parts.endpoints)
+    path = os.path.join(args.dir, "travel.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(
+            json_format.MessageToDict(definition, preserving_proto_field_name=True),
+            f,
+            sort_keys=False,
+        )
+    for name, endpoint in parts.endpoints.items():
+        print(f"{name:8} {endpoint}  (data and log in {base})")
+    print(f"\nthe travel saga is in {path}:\n  sagactl saga submit {path} --watch")
+    return 0
+
+
+def cmd_travel_down(args: argparse.Namespace) -> int:
+    with open(os.path.join(args.dir, TRAVEL_STATE)) as f:
+        pids = json.load(f)
+    for pid in pids.values():
+        if pid and _pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    print(f"stopped {len(pids)} participants")
+    return 0
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -296,6 +338,16 @@ def parser() -> argparse.ArgumentParser:
     forget.add_argument("--dir", default=DEFAULT_DIR)
     forget.add_argument("--addr", help="HOST:PORT of any running node's gRPC server")
     forget.set_defaults(func=cmd_forget)
+
+    travel = top.add_parser("travel", help="the travel-booking participants, for trying it out")
+    tsub = travel.add_subparsers(dest="command", required=True)
+    for name, func, text in [
+        ("up", cmd_travel_up, "start Hotel, Car, Flight and Payment; write travel.yaml"),
+        ("down", cmd_travel_down, "stop them"),
+    ]:
+        c = tsub.add_parser(name, help=text)
+        c.add_argument("--dir", default=DEFAULT_DIR)
+        c.set_defaults(func=func)
 
     saga = top.add_parser("saga", help="submit and follow sagas")
     ssub = saga.add_subparsers(dest="command", required=True)

@@ -156,19 +156,21 @@ class TravelParticipants:
             *self.extra_args[name],
         ]
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, detach: bool = False) -> None:
+        """Start one participant; `detach` puts it in its own session so that it
+        outlives the command that started it (`sagactl travel up`)."""
         if self.alive(name):
             raise RuntimeError(
                 f"participant {name} is already running (pid {self.procs[name].pid})"
             )
         with open(self.log_path(name), "ab") as log:
             self.procs[name] = subprocess.Popen(
-                self.command(name), stdout=log, stderr=subprocess.STDOUT
+                self.command(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=detach
             )
 
-    def start_all(self) -> None:
+    def start_all(self, detach: bool = False) -> None:
         for name in self.services:
-            self.start(name)
+            self.start(name, detach)
 
     def alive(self, name: str) -> bool:
         proc = self.procs.get(name)

@@ -1,0 +1,49 @@
+"""`sagactl` as a user runs it: cluster up, travel up, submit a YAML file, get, down."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+
+def sagactl(cwd, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.sagactl", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_a_user_session(tmp_path) -> None:
+    try:
+        up = sagactl(tmp_path, "cluster", "up", "--nodes", "3")
+        assert "leader" in up.stdout and up.stdout.count("follower") == 2
+        sagactl(tmp_path, "travel", "up")
+        definition = os.path.join("sagacluster-data", "travel.yaml")
+        done = sagactl(tmp_path, "saga", "submit", definition, "--id", "t1", "--watch")
+        assert "COMPLETED" in done.stdout and "end_saga" in done.stdout
+        got = sagactl(tmp_path, "saga", "get", "t1")
+        assert got.stdout.count("DONE") == 4
+        listed = sagactl(tmp_path, "saga", "list", "--state", "COMPLETED")
+        assert "t1" in listed.stdout
+        late = sagactl(tmp_path, "saga", "abort", "t1", check=False)
+        assert late.returncode == 1 and "FAILED_PRECONDITION" in late.stderr
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("name: x\nvertices: []\n")
+        refused = sagactl(tmp_path, "saga", "submit", str(bad), check=False)
+        assert refused.returncode == 1 and "no vertices" in refused.stderr
+        status = sagactl(tmp_path, "cluster", "status")
+        assert status.stdout.count("leader") >= 1
+    finally:
+        sagactl(tmp_path, "travel", "down", check=False)
+        sagactl(tmp_path, "cluster", "down", check=False)
