@@ -56,6 +56,9 @@ class NodeConfig:
     """gRPC server threads (each blocking Propose holds one)."""
     compaction_min_entries: int = 50_000
     """Journal entries before a snapshot is taken and the journal compacted."""
+    fault_file: str | None = None
+    """Testing aid: a JSON file of Raft link faults (see sagalog.raft.LinkFaults),
+    re-read when it changes. Never set it in production."""
     join_check_ms: int = 1000
     """How long a node with a new data directory asks its peers whether the cluster
     already knows it (a wiped node must not rejoin as if it had never voted)."""
@@ -118,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
         help="another node; once per other node",
     )
     p.add_argument("--raft-password-file", metavar="FILE", help="file holding the Raft secret")
+    p.add_argument("--fault-file", metavar="FILE", help="testing aid: Raft link faults (JSON)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -141,6 +145,8 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
             values[flag] = getattr(args, flag)
     if args.peer is not None:
         values["peers"] = tuple(Peer.parse(p) for p in args.peer)
+    if args.fault_file:
+        values["fault_file"] = args.fault_file
     if args.raft_password_file:
         values["raft_password"] = _read_secret(args.raft_password_file)
     missing = [f for f in ("id", "raft_addr", "grpc_addr", "data_dir") if f not in values]

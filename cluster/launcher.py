@@ -60,6 +60,7 @@ class LocalCluster:
         settings: dict[str, int] | None = None,
         password: str | None = None,
         extra_args: tuple[str, ...] = (),
+        link_faults: bool = False,
     ) -> None:
         if nodes not in (3, 5):
             raise ValueError(f"a local cluster has 3 or 5 nodes, not {nodes}")
@@ -85,6 +86,13 @@ class LocalCluster:
             )
             for i in range(nodes)
         }
+        # With link_faults, each node reads Raft link faults from its own file
+        # (sagalog.raft.LinkFaults); cluster.faults writes them.
+        self.fault_files = (
+            {n: os.path.join(self.base_dir, f"{n}.faults.json") for n in self.specs}
+            if link_faults
+            else {}
+        )
         self.procs: dict[str, subprocess.Popen] = {}
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -110,6 +118,8 @@ class LocalCluster:
                 cmd += ["--peer", f"{other.id}={other.raft_addr},{other.grpc_addr}"]
         if self.password_file:
             cmd += ["--raft-password-file", self.password_file]
+        if node_id in self.fault_files:
+            cmd += ["--fault-file", self.fault_files[node_id]]
         if self.timing is not None or self.settings:
             cmd += ["--config", self._config_file()]
         return cmd + list(self.extra_args)

@@ -111,6 +111,7 @@ class Node:
             self.config.timing,
             password=self.config.raft_password,
             compaction_min_entries=self.config.compaction_min_entries,
+            fault_file=self.config.fault_file,
         )
         self.proposer = Proposer(self.raft, self.config.max_in_flight_proposals)
         self.service.attach(self.raft, self.proposer, self.in_office)

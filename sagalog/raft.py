@@ -21,10 +21,13 @@ What this module adds to pysyncobj, and why:
 
 from __future__ import annotations
 
+import heapq
 import io
+import json
 import logging
 import os
 import pickle
+import random
 import shutil
 import tarfile
 import threading
@@ -57,7 +60,9 @@ class RaftTiming:
     append_period_ms: int = 25  # heartbeat interval
     election_min_ms: int = 400
     election_max_ms: int = 800
-    leader_fallback_ms: int = 600  # a leader without a majority's answers steps down
+    # A leader without a majority's answers for this long steps down. Below the
+    # election timeout, so that an isolated leader stops before a new one is elected.
+    leader_fallback_ms: int = 300
     reconnect_ms: int = 150  # redial interval to a lost peer
     connection_timeout_ms: int = 1000
     rejoin_grace_ms: int = 1500  # a restarted node waits this long before it may campaign
@@ -73,6 +78,11 @@ class RaftTiming:
             raise ValueError("tick_ms must be in (0, append_period_ms]")
         if self.leader_fallback_ms <= 2 * self.append_period_ms:
             raise ValueError("leader_fallback_ms must exceed 2 x append_period_ms")
+        if self.leader_fallback_ms >= self.election_min_ms:
+            raise ValueError(
+                "leader_fallback_ms must be below election_min_ms, so that an isolated "
+                "leader steps down before a new leader can be elected"
+            )
         if self.reconnect_ms <= 0:
             raise ValueError("reconnect_ms must be positive")
 
@@ -85,11 +95,116 @@ def fail_stop(message: str) -> None:
 
 
 class _SyncingTransport(TCPTransport):
-    """TCP transport that makes the journal durable before any message leaves."""
+    """TCP transport that makes the journal durable before any message leaves.
+
+    It also applies the link faults of a fault file when the node was started
+    with one (a testing aid; off by default): see `LinkFaults`."""
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
+        super().__init__(syncObj, selfNode, otherNodes)
+        path = getattr(syncObj, "_fault_file", None)
+        self._faults = LinkFaults(path) if path else None
 
     def send(self, node: Any, message: Any) -> bool:
         self._syncObj._journal.sync()
+        if self._faults is not None and not self._faults.outgoing(node, message):
+            return True  # dropped or delayed: to the sender it looks sent
         return bool(super().send(node, message))
+
+    def _onMessageReceived(self, node: Any, message: Any) -> None:
+        if self._faults is not None and self._faults.blocks_from(node):
+            return
+        super()._onMessageReceived(node, message)
+
+    def _onTick(self) -> None:
+        super()._onTick()
+        if self._faults is not None:
+            for node, message in self._faults.due():
+                self._syncObj._journal.sync()
+                super().send(node, message)
+
+
+class LinkFaults:
+    """Raft link faults read from a JSON file, re-read when it changes:
+
+        {"block_to": ["HOST:PORT", ...],     drop every message to these peers
+         "block_from": ["HOST:PORT", ...],   drop every message from them
+         "loss": {"HOST:PORT": 0.2},         drop this share of messages to a peer
+         "delay_ms": {"HOST:PORT": 50}}      hold messages to a peer this long
+
+    Addresses are peers' Raft addresses. Blocking both ways isolates a node; one
+    way makes an asymmetric partition. Used by the fault-injection harness
+    (`cluster/faults.py`); a node started without `--fault-file` has none."""
+
+    CHECK_INTERVAL_S = 0.05
+    MAX_DELAYED = 100_000  # bound on held messages; beyond it they are dropped
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._mtime = 0.0
+        self._next_check = 0.0
+        self.block_to: set[str] = set()
+        self.block_from: set[str] = set()
+        self.loss: dict[str, float] = {}
+        self.delay_ms: dict[str, int] = {}
+        self._held: list[tuple[float, int, Any, Any]] = []
+        self._seq = 0
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.CHECK_INTERVAL_S
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError:
+            mtime = 0.0
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        rules: dict[str, Any] = {}
+        if mtime:
+            try:
+                with open(self.path) as f:
+                    rules = json.load(f)
+            except (OSError, ValueError):
+                log.warning("unreadable fault file %s: keeping the previous rules", self.path)
+                return
+        self.block_to = set(rules.get("block_to", []))
+        self.block_from = set(rules.get("block_from", []))
+        self.loss = {k: float(v) for k, v in rules.get("loss", {}).items()}
+        self.delay_ms = {k: int(v) for k, v in rules.get("delay_ms", {}).items()}
+        log.info("link faults now %s", rules)
+
+    def outgoing(self, node: Any, message: Any) -> bool:
+        """True: send it now. False: dropped, or held for later (`due`)."""
+        self._refresh()
+        addr = node.address
+        if addr in self.block_to:
+            return False
+        if random.random() < self.loss.get(addr, 0.0):
+            return False
+        delay = self.delay_ms.get(addr, 0)
+        if delay:
+            if len(self._held) < self.MAX_DELAYED:
+                self._seq += 1
+                heapq.heappush(
+                    self._held, (time.monotonic() + delay / 1000, self._seq, node, message)
+                )
+            return False
+        return True
+
+    def blocks_from(self, node: Any) -> bool:
+        self._refresh()
+        return node.address in self.block_from
+
+    def due(self) -> list[tuple[Any, Any]]:
+        now = time.monotonic()
+        out = []
+        while self._held and self._held[0][0] <= now:
+            _, _, node, message = heapq.heappop(self._held)
+            out.append((node, message))
+        return out
 
 
 _journal_patch_lock = threading.Lock()
@@ -125,9 +240,11 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         password: str | None = None,
         compaction_min_entries: int = 50_000,
         on_state_changed: Callable[[int, int], None] | None = None,
+        fault_file: str | None = None,
     ) -> None:
         timing.validate()
         self.data_dir = data_dir
+        self._fault_file = fault_file
         os.makedirs(data_dir, exist_ok=True)
         self._store_lock = threading.RLock()  # held by readers and by a store swap
         self._kv = RocksKV(self._path("db"))
