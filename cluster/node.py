@@ -182,7 +182,11 @@ class Node:
             if driver is None or driver.epoch != self.epoch_number or not driver.running:
                 self._stop_driver()
                 driver = Driver(
-                    self.raft, self.epoch_number, self.config.id, on_fenced=self._fenced
+                    self.raft,
+                    self.epoch_number,
+                    self.config.id,
+                    on_fenced=self._fenced,
+                    lease_s=self.config.timing.leader_fallback_ms / 1000,
                 )
                 self.raft.saga_log.listener = driver.on_applied
                 self.driver = driver

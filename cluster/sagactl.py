@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import grpc
@@ -257,6 +259,41 @@ def cmd_saga(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from cluster import chaos
+
+    base = args.dir or tempfile.mkdtemp(prefix=f"chaos-{args.seed}-")
+    verdict, summary = chaos.run(
+        base,
+        duration_s=args.duration,
+        seed=args.seed,
+        nodes=args.nodes,
+        clients=args.clients,
+        rate_per_s=args.rate,
+    )
+    print(verdict.report())
+    print("summary:")
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "ok": verdict.ok,
+                    "summary": summary,
+                    "counts": verdict.counts,
+                    "problems": verdict.problems,
+                },
+                f,
+                indent=2,
+            )
+    if verdict.ok and not args.dir:
+        shutil.rmtree(base, ignore_errors=True)
+    elif not verdict.ok:
+        print(f"data and logs kept in {base}")
+    return 0 if verdict.ok else 1
+
+
 TRAVEL_STATE = "travel.json"
 
 
@@ -338,6 +375,18 @@ def parser() -> argparse.ArgumentParser:
     forget.add_argument("--dir", default=DEFAULT_DIR)
     forget.add_argument("--addr", help="HOST:PORT of any running node's gRPC server")
     forget.set_defaults(func=cmd_forget)
+
+    chaos = top.add_parser("chaos", help="a seeded fault schedule under load, then the checker")
+    chaos.add_argument("--duration", type=float, default=120.0, help="seconds of faults")
+    chaos.add_argument("--seed", type=int, required=True)
+    chaos.add_argument("--nodes", type=int, choices=(3, 5), default=3)
+    chaos.add_argument("--clients", type=int, default=4)
+    chaos.add_argument("--rate", type=float, default=60.0, help="sagas submitted per second")
+    chaos.add_argument(
+        "--dir", help="keep data and logs here (default: temporary, kept on failure)"
+    )
+    chaos.add_argument("--json", help="also write the verdict and summary to this file")
+    chaos.set_defaults(func=cmd_chaos)
 
     travel = top.add_parser("travel", help="the travel-booking participants, for trying it out")
     tsub = travel.add_subparsers(dest="command", required=True)

@@ -72,8 +72,10 @@ class Driver:
         node_id: str,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         on_fenced: Callable[[], None] | None = None,
+        lease_s: float = 0.3,
     ) -> None:
         self._raft = raft
+        self._lease_s = lease_s  # see _leading
         self.epoch = epoch
         self.node_id = node_id
         self._now_ms = now_ms
@@ -316,6 +318,11 @@ class Driver:
 
     # ---- IO: participant calls -------------------------------------------------------
 
+    def _leading(self) -> bool:
+        """A majority answered this leader recently: it may still act for its epoch."""
+        check = getattr(self._raft, "majority_heard_within", None)
+        return check is None or bool(check(self._lease_s))
+
     def _channel(self, endpoint: str) -> grpc.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
@@ -330,7 +337,7 @@ class Driver:
         return channel
 
     def _call(self, run: _Run, call: core.Call) -> None:
-        if self._calls_in_flight >= MAX_CALLS_IN_FLIGHT:
+        if self._calls_in_flight >= MAX_CALLS_IN_FLIGHT or not self._leading():
             run.dirty = True  # try again next turn
             return
         view = run.view

@@ -300,6 +300,18 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
 
     # ---- reads from other threads --------------------------------------------------
 
+    def majority_heard_within(self, seconds: float) -> bool:
+        """Leader only: did a majority (this node included) answer within `seconds`?
+
+        The coordinator asks before every participant call. A leader that was paused
+        (SIGSTOP) or cut off still believes it leads until its next tick; its old
+        answers then look stale and it sends nothing a newer leader might contradict.
+        """
+        last = getattr(self, "_SyncObj__lastResponseTime", {})
+        deadline = time.monotonic() - seconds
+        fresh = 1 + sum(1 for t in list(last.values()) if t > deadline)
+        return fresh > (len(last) + 1) / 2
+
     @contextmanager
     def reading(self) -> Iterator[SagaLog]:
         """The current SagaLog, safe from a concurrent snapshot install."""
