@@ -196,14 +196,14 @@ class Chaos:
         elif kind == "participant_down":
             name = self._choose(list(h.participants.services), fault.pick)
             h.participant_down(name)
-            heal = lambda: h.participant_up(name)  # noqa: E731
+            heal = lambda: h.participant_up(name)  # noqa: E731  (its original knobs)
         elif kind == "participant_hang":
             name = self._choose(list(h.participants.services), fault.pick)
             knobs = ["--hang-rate", "0.3", "--hang-s", "3"]
             if name == "Car":
                 knobs += ["--refuse-saga-substring", REFUSE_MARK]
             h.participant_up(name, knobs)
-            heal = lambda: h.participant_up(name, _default_knobs(name))  # noqa: E731
+            heal = lambda: h.participant_up(name)  # noqa: E731
         else:
             raise ValueError(f"unknown fault {kind}")
         self.injected[kind] += 1
@@ -256,16 +256,7 @@ def run(
         load.stop()
         ended = time.monotonic()
         log("chaos: healing, waiting for every saga to end, checking")
-        harness.heal()
-        for n in list(harness.paused):
-            harness.resume(n)
-        for n in harness.nodes:
-            if not harness.cluster.alive(n):
-                harness.restart(n)
-        for name in harness.participants.services:
-            if not harness.participants.alive(name):
-                harness.participant_up(name, _default_knobs(name))
-        harness.cluster.wait_for_leader(30)
+        harness.heal_all()
         obs = collect(harness, load.acknowledged, timeout_s=180)
         verdict = check(obs)
         summary = {

@@ -53,6 +53,7 @@ class FaultHarness:
         self.cluster = LocalCluster(
             os.path.join(self.base_dir, "cluster"), nodes=nodes, link_faults=True, timing=timing
         )
+        self.participant_args = participant_args or {}
         self.participants = TravelParticipants(
             os.path.join(self.base_dir, "participants"), extra_args=participant_args
         )
@@ -65,13 +66,29 @@ class FaultHarness:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    def start(self, timeout_s: float = 20.0) -> None:
+    def start(self, timeout_s: float = 20.0, node_env: dict[str, str] | None = None) -> None:
+        """Start participants and nodes (`node_env`: extra environment for the nodes'
+        first lifetime, e.g. a crash point) and wait for a leader in office."""
         self.heal()
         self.participants.start_all()
         self.participants.wait_ready(timeout_s)
-        self.cluster.start_all()
+        for node in self.nodes:
+            self.cluster.start(node, env=node_env)
         self.cluster.wait_for_leader(timeout_s)
         self._monitor.start()
+
+    def heal_all(self, timeout_s: float = 30.0) -> None:
+        """End every fault: links, pauses, dead nodes, dead or faulty participants."""
+        self.heal()
+        for node in list(self.paused):
+            self.resume(node)
+        for node in self.nodes:
+            if not self.cluster.alive(node):
+                self.cluster.start(node)
+        for name in self.participants.services:
+            if not self.participants.alive(name):
+                self.participant_up(name, list(self.participant_args.get(name, [])))
+        self.cluster.wait_for_leader(timeout_s)
 
     def stop(self) -> None:
         self._monitor_stop.set()
@@ -204,10 +221,13 @@ class FaultHarness:
         self.participants.kill(name)
 
     def participant_up(self, name: str, knobs: list[str] | None = None) -> None:
-        """(Re)start a participant, with `knobs` replacing its fault flags."""
+        """(Re)start a participant, with `knobs` replacing its fault flags (default:
+        the flags it was first started with)."""
         if self.participants.alive(name):
             self.participants.kill(name)
-        self.participants.restart(name, extra_args=knobs or [])
+        if knobs is None:
+            knobs = list(self.participant_args.get(name, []))
+        self.participants.restart(name, extra_args=knobs)
         self.participants.wait_ready(15, names=[name])
 
     # ---- the monitor -----------------------------------------------------------------

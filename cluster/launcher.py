@@ -136,7 +136,8 @@ class LocalCluster:
                     f.write(f"{key} = {value}\n")
         return path
 
-    def start(self, node_id: str, detach: bool = False) -> None:
+    def start(self, node_id: str, detach: bool = False, env: dict[str, str] | None = None) -> None:
+        """Start a node; `env` adds environment variables for this process only."""
         spec = self.specs[node_id]
         log = open(spec.log_path, "ab")
         proc = subprocess.Popen(
@@ -144,6 +145,7 @@ class LocalCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=detach,
+            env={**os.environ, **env} if env else None,
         )
         log.close()
         self.procs[node_id] = proc

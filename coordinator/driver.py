@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import queue
 import threading
 import time
@@ -92,6 +93,9 @@ class Driver:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"driver-{epoch}", daemon=True)
         self._next_sweep = 0.0
+        # Testing aid: SAGA_CRASH_POINT=before_request|before_end_t|mid_compensation
+        # makes this process die (as by SIGKILL) the first time it reaches that point.
+        self._crash_point = os.environ.get("SAGA_CRASH_POINT", "")
         self.stats = {"proposals": 0, "records": 0, "calls": 0, "replies": 0}
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -231,6 +235,11 @@ class Driver:
                 run.pending.add(identity)
                 self._outbox.append(record)
 
+    def _maybe_crash(self, point: str) -> None:
+        if self._crash_point == point:
+            log.critical("crash point %s reached: exiting as if killed", point)
+            os._exit(137)
+
     def _reply(self, saga_id: str, call: core.Call, reply: core.Reply) -> None:
         self._calls_in_flight -= 1
         self.stats["replies"] += 1
@@ -239,6 +248,8 @@ class Driver:
             return
         run.calls.discard(call)
         response = core.on_reply(run.view, call, reply, self.epoch, self._now_ms())
+        if reply.ok and not call.compensation:
+            self._maybe_crash("before_end_t")
         self._propose(run, response.records)
         if response.retry_after_ms is not None:
             run.waiting.add(call)
@@ -340,6 +351,7 @@ class Driver:
         if self._calls_in_flight >= MAX_CALLS_IN_FLIGHT or not self._leading():
             run.dirty = True  # try again next turn
             return
+        self._maybe_crash("mid_compensation" if call.compensation else "before_request")
         view = run.view
         vertex = view.vertices[call.vertex]
         request = core.step_request(view, call, self.epoch)
