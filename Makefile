@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test test-quick demo bench soak proto clean
+.PHONY: test test-quick demo bench soak chaos proto clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,3 +39,9 @@ clean:
 ## The leader-kill trial 20 times (the issue's acceptance run; ~1 minute).
 soak: $(BIN)/.installed
 	FAILOVER_TRIALS=20 $(BIN)/pytest -q -s -p no:cacheprovider tests/cluster -k failover
+
+## One 120 s chaos run against a local cluster (SEED=N, NODES=3|5).
+SEED ?= 1
+NODES ?= 3
+chaos: $(BIN)/.installed
+	$(BIN)/sagactl chaos --duration 120 --seed $(SEED) --nodes $(NODES)
