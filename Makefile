@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test test-quick demo bench soak chaos proto clean
+.PHONY: test test-quick demo bench bench-e2e soak chaos proto clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,14 @@ test-quick: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/python -m cluster.demo
 
+## Saga Log commit rate and latency beside a bare pysyncobj counter (~80 s).
 bench: $(BIN)/.installed
 	$(BIN)/python bench/log_append.py
+
+## The travel saga end to end beside no-coordinator, DBOS and counter baselines.
+bench-e2e: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/e2e.py
 
 proto: $(BIN)/.installed
 	scripts/gen_proto.sh

@@ -109,12 +109,10 @@ def to_event(record: log_pb2.Record) -> Decoded:
     kind = _KIND_OF_BODY.get(body)
     if kind is None:
         return Decoded(None, f"not a saga record (body {body or 'missing'!r})")
-    bare = log_pb2.Record()
-    bare.CopyFrom(record)
-    bare.ClearField("epoch")
-    bare.ClearField("time_unix_ms")
-    content = bare.SerializeToString(deterministic=True)
     msg = getattr(record, body)
+    # What makes two records "the same record": the body, not the epoch or time it
+    # was decided in (a retry on a new leader re-decides it). The saga is implicit.
+    content = body.encode() + b"\0" + msg.SerializeToString(deterministic=True)
     if kind is Kind.START_SAGA:
         return _start_saga_event(msg, content)
     if kind is Kind.ABORT_SAGA:
