@@ -125,7 +125,11 @@ class SagaClient:
                     deadline = time.monotonic() + self.retry_deadline_s
                     if event.record.HasField("end_saga"):
                         return
-                return
+                # The stream ended without EndSaga: the saga ended before `seq`, or the
+                # server ended a long stream. Ask again; an ended saga's stream is empty.
+                if self.get(saga_id).state in ENDED:
+                    return
+                continue
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE and exc.code() != grpc.StatusCode.CANCELLED:
                     raise

@@ -52,8 +52,8 @@ class NodeConfig:
     """Default deadline of one proposal."""
     max_in_flight_proposals: int = 10_000
     """Proposals waiting on this node at once; more get RESOURCE_EXHAUSTED."""
-    grpc_workers: int = 32
-    """gRPC server threads (each blocking Propose holds one)."""
+    grpc_workers: int = 64
+    """gRPC server threads (each blocking call or Watch stream holds one)."""
     compaction_min_entries: int = 50_000
     """Journal entries before a snapshot is taken and the journal compacted."""
     fault_file: str | None = None

@@ -9,6 +9,7 @@ gRPC server, stop Raft, close the store, exit 0.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -27,8 +28,10 @@ from cluster.service import ClusterService, raft_role
 from coordinator.driver import Driver
 from sagalog import codec
 from sagalog import records as rec
+from sagalog.log import SagaLog
 from sagalog.proposer import ProposeError, Proposer
 from sagalog.raft import SagaLogRaft, fail_stop
+from sagalog.rocks import RocksKV
 
 log = logging.getLogger("sagalog.node")
 
@@ -72,6 +75,18 @@ def check_not_wiped(config: NodeConfig, me: ident.Identity) -> None:
             time.sleep(0.1)
 
 
+def registry_in_store(data_dir: str) -> dict[str, bytes]:
+    """The node registry as this node's store last applied it ({} for a new node)."""
+    path = os.path.join(data_dir, "db")
+    if not os.path.isdir(path):
+        return {}
+    kv = RocksKV(path)
+    try:
+        return SagaLog(kv).members()
+    finally:
+        kv.close()
+
+
 class Node:
     """The gRPC server listens first (so that peers' wipe checks get answers while
     the cluster starts), then Raft starts (`start_raft`)."""
@@ -79,7 +94,7 @@ class Node:
     def __init__(self, config: NodeConfig, me: ident.Identity) -> None:
         self.config = config
         self.me = me
-        self.service = ClusterService(config)
+        self.service = ClusterService(config, registry_in_store(config.data_dir))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.grpc_workers),
             options=[
@@ -131,6 +146,10 @@ class Node:
         """The epoch this node decides records in, while it is in office."""
         return self.epoch_number if self.in_office() else None
 
+    def sagas_in_flight(self) -> int:
+        driver = self.driver
+        return driver.in_flight() if driver is not None else 0
+
     def leader_grpc_addr(self) -> str | None:
         leader = self.raft._getLeader() if self.raft is not None else None
         if leader is None:
@@ -172,7 +191,14 @@ class Node:
                         self._take_office(term)
             except ProposeError as exc:
                 log.debug("duty proposal failed, will retry: %s", exc)
-            self._keep_driver()
+            except Exception:
+                # This thread must outlive any bug: without it the node would lead
+                # in Raft yet never take office or drive a saga.
+                log.exception("duty failed; retrying")
+            try:
+                self._keep_driver()
+            except Exception:
+                log.exception("driver management failed; retrying")
 
     def _keep_driver(self) -> None:
         """The coordinator runs exactly while this node is in office."""
@@ -186,7 +212,10 @@ class Node:
                     self.epoch_number,
                     self.config.id,
                     on_fenced=self._fenced,
-                    lease_s=self.config.timing.leader_fallback_ms / 1000,
+                    # Two thirds of the fallback: the driver stops acting before
+                    # pysyncobj would even consider stepping down.
+                    lease_s=self.config.timing.leader_fallback_ms * 2 / 3000,
+                    in_office=self.in_office,
                 )
                 self.raft.saga_log.listener = driver.on_applied
                 self.driver = driver

@@ -781,7 +781,12 @@ class ParticipantServer:
         self.service = ParticipantService(config.name, self.store, config.faults)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers),
-            options=[("grpc.so_reuseport", 0)],  # a second participant on the port must fail
+            options=[
+                ("grpc.so_reuseport", 0),  # a second participant on the port must fail
+                # A request carries the saga's payload and its completed outputs:
+                # up to 256 KiB + 64 x 64 KiB, above gRPC's 4 MiB default.
+                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ],
         )
         participant_pb2_grpc.add_ParticipantServicer_to_server(self.service, self.server)
         self.port = 0

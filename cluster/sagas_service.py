@@ -32,11 +32,16 @@ FORWARDED = "x-saga-forwarded"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 LIST_SCAN_LIMIT = 10_000  # sagas examined per List call when filtering
-MAX_WATCHERS = 256
+# Each Watch holds a gRPC worker thread while it streams: keep them a small share
+# of NodeConfig.grpc_workers so that Submit, Get and Status always find a thread.
+MAX_WATCHERS = 16
 WATCH_POLL_S = 0.02
 WATCH_MAX_S = 3600.0  # a Watch stream ends after this long; the client resumes it
 WATCH_UNKNOWN_GRACE_S = 5.0
 WRITE_TIMEOUT_S = 5.0
+# Back-pressure: beyond this many sagas in flight on the leader, Submit answers
+# RESOURCE_EXHAUSTED instead of letting every saga's latency grow without bound.
+MAX_SAGAS_IN_FLIGHT = 20_000
 
 
 class NodeView(Protocol):
@@ -46,6 +51,7 @@ class NodeView(Protocol):
     proposer: Proposer | None
 
     def office_epoch(self) -> int | None: ...
+    def sagas_in_flight(self) -> int: ...
     def leader_grpc_addr(self) -> str | None: ...
     def is_leader(self) -> bool: ...
 
@@ -107,7 +113,9 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
     def __init__(self, node: NodeView) -> None:
         self._node = node
         self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
-        self._leader_channel: tuple[str, grpc.Channel] | None = None
+        # One channel per leader address, never closed while calls may use it.
+        self._channels: dict[str, grpc.Channel] = {}
+        self._channels_lock = threading.Lock()
 
     # ---- routing ---------------------------------------------------------------------
 
@@ -123,11 +131,11 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                 f"not the leader; leader: {leader or 'unknown (election in progress)'}",
             )
         assert leader is not None
-        if self._leader_channel is None or self._leader_channel[0] != leader:
-            if self._leader_channel is not None:
-                self._leader_channel[1].close()
-            self._leader_channel = (leader, channel_to(leader))
-        stub = sagas_pb2_grpc.SagasStub(self._leader_channel[1])
+        with self._channels_lock:
+            channel = self._channels.get(leader)
+            if channel is None:
+                channel = self._channels[leader] = channel_to(leader)
+        stub = sagas_pb2_grpc.SagasStub(channel)
         remaining = context.time_remaining()
         try:
             return getattr(stub, method)(
@@ -199,6 +207,12 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         if forwarded is not None:
             return forwarded
         epoch = self._epoch(context)
+        in_flight = self._node.sagas_in_flight()
+        if in_flight >= MAX_SAGAS_IN_FLIGHT:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{in_flight} sagas are in flight (limit {MAX_SAGAS_IN_FLIGHT}); retry later",
+            )
         record = rec.start_saga(
             saga_id, epoch, request.definition, request.payload, int(time.time() * 1000)
         )
@@ -328,6 +342,9 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             with self._node.raft.reading() as saga_log:
                 records = saga_log.records_from(saga_id, seq)
                 known = known or saga_log.saga_number(saga_id) is not None
+                ended = not records and saga_log.has_ended(saga_id)
+            if ended:
+                return  # asked from past the saga's last record
             # A saga submitted through the leader may reach this node a little later.
             if not known and time.monotonic() - started > WATCH_UNKNOWN_GRACE_S:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no saga with id {saga_id!r}")

@@ -44,8 +44,12 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     that a new node's wipe check does not wait on peers that are starting too;
     every other method answers UNAVAILABLE."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, registry: dict[str, bytes] | None = None) -> None:
         self._config = config
+        # What this node's own store says about registrations, for Status answers
+        # before Raft is attached (a peer restarting after a full outage still
+        # tells a wiped node that it is known).
+        self._registry_at_start = registry or {}
         self._by_raft_addr = {p.raft_addr: p for p in config.peers}
         self._raft: SagaLogRaft | None = None
         self._proposer: Proposer | None = None
@@ -65,7 +69,11 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     def Status(self, request: Any, context: Any) -> cluster_pb2.StatusReply:
         raft = self._raft
         if raft is None:
-            return cluster_pb2.StatusReply(id=self._config.id, role=cluster_pb2.FOLLOWER)
+            return cluster_pb2.StatusReply(
+                id=self._config.id,
+                role=cluster_pb2.FOLLOWER,
+                registered=self._registry_at_start,
+            )
         leader = raft._getLeader()
         leader_addr = leader.id if leader is not None else ""
         reply = cluster_pb2.StatusReply(

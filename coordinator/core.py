@@ -27,6 +27,7 @@ capped backoff and the saga is marked Stuck after STUCK_AFTER_ATTEMPTS.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from saga.v1 import log_pb2, participant_pb2
@@ -102,7 +103,11 @@ def backoff_ms(vertex: log_pb2.Vertex, attempt: int, cap_ms: int | None = None) 
     if cap_ms is not None:
         cap = min(max(cap, initial), cap_ms)
     multiplier = b.multiplier or DEFAULT_BACKOFF.multiplier
-    return int(min(cap, initial * multiplier ** max(0, attempt - 1)))
+    if not math.isfinite(multiplier) or multiplier < 1.0:
+        # Submit refuses such a definition; a record proposed around it must not
+        # crash the driver either.
+        multiplier = DEFAULT_BACKOFF.multiplier
+    return int(min(cap, initial * min(multiplier, 10.0) ** min(max(0, attempt - 1), 64)))
 
 
 def plan(view: SagaView, epoch: int, now_ms: int) -> Plan:

@@ -51,12 +51,12 @@ def check_definition(definition: log_pb2.SagaDefinition) -> str:
 def _check_vertex(v: log_pb2.Vertex) -> str:
     if not v.name:
         return "a vertex has an empty name"
-    if not NAME_RE.match(v.name):
+    if not NAME_RE.fullmatch(v.name):
         return "the name may hold 1-128 letters, digits, _ . -"
-    if not ENDPOINT_RE.match(v.endpoint):
+    if not ENDPOINT_RE.fullmatch(v.endpoint):
         return f"endpoint {v.endpoint!r} is not HOST:PORT"
     for label, action in (("request", v.request), ("compensation", v.compensation)):
-        if not ACTION_RE.match(action):
+        if not ACTION_RE.fullmatch(action):
             return f"the {label} action {action!r} must be 1-128 of letters, digits, _ . - : /"
     if v.timeout_ms and not _within(v.timeout_ms, TIMEOUT_MS_RANGE):
         return f"timeout_ms {v.timeout_ms} is outside {TIMEOUT_MS_RANGE}"

@@ -38,10 +38,14 @@ from sagalog.transitions import Phase
 log = logging.getLogger(__name__)
 
 MAX_RECORDS_PER_PROPOSAL = 512  # below codec.MAX_RECORDS_PER_BATCH
+MAX_PROPOSAL_BYTES = 4 * 1024 * 1024  # below codec.MAX_BATCH_BYTES
 MAX_PROPOSALS_IN_FLIGHT = 64
 PROPOSAL_DEADLINE_S = 3.0
 MAX_CALLS_IN_FLIGHT = 10_000
 SWEEP_INTERVAL_S = 1.0
+STEP_REQUEST_MAX_BYTES = (
+    codec.MAX_PAYLOAD_BYTES + codec.MAX_VERTICES * codec.MAX_OUTPUT_BYTES + (1 << 20)
+)
 TURN_WAIT_S = 0.05  # longest idle wait for an event
 
 
@@ -73,10 +77,12 @@ class Driver:
         node_id: str,
         now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         on_fenced: Callable[[], None] | None = None,
-        lease_s: float = 0.3,
+        lease_s: float = 0.2,
+        in_office: Callable[[], bool] | None = None,
     ) -> None:
         self._raft = raft
         self._lease_s = lease_s  # see _leading
+        self._in_office = in_office
         self.epoch = epoch
         self.node_id = node_id
         self._now_ms = now_ms
@@ -275,9 +281,17 @@ class Driver:
     # ---- IO: proposals ---------------------------------------------------------------
 
     def _flush(self) -> None:
+        if self._outbox and not self._leading():
+            return  # kept; proposed once in office again, or dropped when stopped
         while self._outbox and len(self._proposals) < MAX_PROPOSALS_IN_FLIGHT:
-            batch = self._outbox[:MAX_RECORDS_PER_PROPOSAL]
-            del self._outbox[:MAX_RECORDS_PER_PROPOSAL]
+            count, size = 0, 0
+            for record in self._outbox[:MAX_RECORDS_PER_PROPOSAL]:
+                size += record.ByteSize() + 8
+                if count and size > MAX_PROPOSAL_BYTES:
+                    break
+                count += 1
+            batch = self._outbox[:count]
+            del self._outbox[:count]
             self._proposal_seq += 1
             pid = self._proposal_seq
             identities = [_identity(r) for r in batch]
@@ -330,7 +344,10 @@ class Driver:
     # ---- IO: participant calls -------------------------------------------------------
 
     def _leading(self) -> bool:
-        """A majority answered this leader recently: it may still act for its epoch."""
+        """This node is still in office and a majority answered it recently: it may
+        still act for its epoch. Checked before every call and every proposal."""
+        if self._in_office is not None and not self._in_office():
+            return False
         check = getattr(self._raft, "majority_heard_within", None)
         return check is None or bool(check(self._lease_s))
 
@@ -342,6 +359,8 @@ class Driver:
                 options=[
                     ("grpc.initial_reconnect_backoff_ms", 100),
                     ("grpc.max_reconnect_backoff_ms", 1000),
+                    # A request carries the payload and every completed vertex's output.
+                    ("grpc.max_send_message_length", STEP_REQUEST_MAX_BYTES),
                 ],
             )
             self._channels[endpoint] = channel

@@ -88,7 +88,7 @@ def check_saga_id(saga_id: str) -> str:
         return "the saga id is empty"
     if len(saga_id) > MAX_SAGA_ID_LEN:
         return f"the saga id is {len(saga_id)} characters; the limit is {MAX_SAGA_ID_LEN}"
-    if not SAGA_ID_RE.match(saga_id):
+    if not SAGA_ID_RE.fullmatch(saga_id):
         return "the saga id may hold only letters, digits and . _ : -"
     return ""
 

@@ -29,13 +29,14 @@ Not thread-safe: pysyncobj calls the journal from its tick thread only, and
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import struct
 import zlib
-from collections.abc import Sequence
-from typing import Any, overload
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, overload
 
 from pysyncobj.journal import Journal
 from pysyncobj.pickle import to_bytes
@@ -65,6 +66,30 @@ class JournalCorrupt(Exception):
     Raised instead of falling back to defaults: forgetting a granted vote or
     a term would let this node vote twice in one term.
     """
+
+
+EXIT_STORAGE_FAILURE = 74  # EX_IOERR, as sagalog.raft.fail_stop
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _stop_on_io_error(method: _F) -> _F:
+    """A journal write that fails must stop the node, not be retried: after a failed
+    fsync the kernel may drop the dirty pages, so a later fsync that "succeeds"
+    would let the node acknowledge entries that are not on disk; a vote that failed
+    to persist would be forgotten by a restart. (pysyncobj logs exceptions raised
+    in its tick and carries on.)"""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except OSError as exc:
+            logger.critical("FAIL-STOP: journal %s failed: %s", method.__name__, exc)
+            logging.shutdown()
+            os._exit(EXIT_STORAGE_FAILURE)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _entry_crc(idx: int, term: int, payload: bytes) -> int:
@@ -263,6 +288,7 @@ class DurableJournal(Journal):
         # Deliberately not fsynced: it only has to survive kill -9, as a test aid.
         os.pwrite(self._synced_fd, _SYNCED.pack(self._synced), 0)
 
+    @_stop_on_io_error
     def sync(self) -> None:
         """Make every entry added so far durable. A cheap no-op when nothing changed.
 
@@ -317,6 +343,7 @@ class DurableJournal(Journal):
 
     # ---- the pysyncobj Journal interface ----------------------------------------------
 
+    @_stop_on_io_error
     def add(self, command: bytes | str, idx: int, term: int) -> None:
         """Append an entry: written to the file now, durable at the next `sync`."""
         cmd = to_bytes(command)
@@ -330,10 +357,12 @@ class DurableJournal(Journal):
         self._end += len(frame)
         self._dirty = True
 
+    @_stop_on_io_error
     def clear(self) -> None:
         """Drop every entry, durably (pysyncobj re-adds the snapshot's two entries next)."""
         self._rewrite([])
 
+    @_stop_on_io_error
     def deleteEntriesFrom(self, entryFrom: int) -> None:
         """Drop the entries at list positions >= entryFrom; truncated and fsynced now.
 
@@ -349,6 +378,7 @@ class DurableJournal(Journal):
         os.ftruncate(self._fd, self._end)
         self._fsync_and_record()
 
+    @_stop_on_io_error
     def deleteEntriesTo(self, entryTo: int) -> None:
         """Drop the entries at list positions < entryTo (log compaction), durably.
 
@@ -413,6 +443,7 @@ class DurableJournal(Journal):
     def getRaftCommitIndex(self) -> int:
         return 1 if self._commit_index is None else self._commit_index
 
+    @_stop_on_io_error
     def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:
         """Durable before returning: a vote request or grant follows immediately."""
         self._term = term
@@ -425,6 +456,7 @@ class DurableJournal(Journal):
     def getVotedForNodeId(self) -> str | None:
         return self._vote
 
+    @_stop_on_io_error
     def onOneSecondTimer(self) -> None:
         if self._meta_dirty:
             self._store_meta()

@@ -270,6 +270,11 @@ class SagaLog:
         prefix = RECORDS + _u64(number)
         return [codec.decode_record(v) for _, v in self.kv.scan(prefix, _U32.pack(seq))]
 
+    def has_ended(self, saga_id: str) -> bool:
+        """The saga exists and is out of the in-flight index (EndSaga applied)."""
+        number = self.saga_number(saga_id)
+        return number is not None and self.kv.get(IN_FLIGHT + _u64(number)) is None
+
     def saga_ids(self, after: str = "") -> Iterator[str]:
         """Every saga id in byte order, starting after `after`."""
         start = after.encode() + b"\x00" if after else b""

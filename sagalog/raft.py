@@ -21,7 +21,7 @@ What this module adds to pysyncobj, and why:
 
 from __future__ import annotations
 
-import heapq
+import collections
 import io
 import json
 import logging
@@ -87,6 +87,27 @@ class RaftTiming:
             raise ValueError("reconnect_ms must be positive")
 
 
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    """fsync every file and directory under root (an extracted store)."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_file(os.path.join(dirpath, name))
+        _fsync_dir(dirpath)
+
+
 def fail_stop(message: str) -> None:
     """End the process now: a replica that cannot apply an entry must not go on."""
     log.critical("FAIL-STOP: %s", message)
@@ -137,7 +158,7 @@ class LinkFaults:
     (`cluster/faults.py`); a node started without `--fault-file` has none."""
 
     CHECK_INTERVAL_S = 0.05
-    MAX_DELAYED = 100_000  # bound on held messages; beyond it they are dropped
+    MAX_DELAYED = 100_000  # bound on held messages per peer; beyond it they are dropped
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -147,8 +168,8 @@ class LinkFaults:
         self.block_from: set[str] = set()
         self.loss: dict[str, float] = {}
         self.delay_ms: dict[str, int] = {}
-        self._held: list[tuple[float, int, Any, Any]] = []
-        self._seq = 0
+        # per peer address, in send order: (due time, node, message)
+        self._held: dict[str, collections.deque[tuple[float, Any, Any]]] = {}
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -177,7 +198,11 @@ class LinkFaults:
         log.info("link faults now %s", rules)
 
     def outgoing(self, node: Any, message: Any) -> bool:
-        """True: send it now. False: dropped, or held for later (`due`)."""
+        """True: send it now. False: dropped, or held for later (`due`).
+
+        Messages to one peer stay in order: while any are held for it, new ones
+        queue behind them even once the delay is lifted. (Reordered AppendEntries
+        make pysyncobj truncate entries a follower has already acknowledged.)"""
         self._refresh()
         addr = node.address
         if addr in self.block_to:
@@ -185,14 +210,14 @@ class LinkFaults:
         if random.random() < self.loss.get(addr, 0.0):
             return False
         delay = self.delay_ms.get(addr, 0)
-        if delay:
-            if len(self._held) < self.MAX_DELAYED:
-                self._seq += 1
-                heapq.heappush(
-                    self._held, (time.monotonic() + delay / 1000, self._seq, node, message)
-                )
-            return False
-        return True
+        queue = self._held.get(addr)
+        if not delay and not queue:
+            return True
+        if queue is None:
+            queue = self._held[addr] = collections.deque()
+        if len(queue) < self.MAX_DELAYED:
+            queue.append((time.monotonic() + delay / 1000, node, message))
+        return False
 
     def blocks_from(self, node: Any) -> bool:
         self._refresh()
@@ -201,9 +226,10 @@ class LinkFaults:
     def due(self) -> list[tuple[Any, Any]]:
         now = time.monotonic()
         out = []
-        while self._held and self._held[0][0] <= now:
-            _, _, node, message = heapq.heappop(self._held)
-            out.append((node, message))
+        for queue in self._held.values():
+            while queue and queue[0][0] <= now:
+                _, node, message = queue.popleft()
+                out.append((node, message))
         return out
 
 
@@ -340,6 +366,10 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
     def _deserialize(self, filename: str) -> Any:
         """Called at start-up (own snapshot) and when the leader sends one."""
         try:
+            # pysyncobj writes a received snapshot without fsync and then clears the
+            # journal durably: make the snapshot durable first.
+            _fsync_file(filename)
+            _fsync_dir(self.data_dir)
             with tarfile.open(filename, "r") as tar:
                 member = tar.extractfile("raft.pickle")
                 assert member is not None
@@ -359,11 +389,13 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         shutil.rmtree(incoming, ignore_errors=True)
         members = [m for m in tar.getmembers() if m.name == "db" or m.name.startswith("db/")]
         tar.extractall(incoming, members=members, filter="data")
+        _fsync_tree(incoming)
         with self._store_lock:
             self._kv.close()
             live = self._path("db")
             shutil.rmtree(live)
             os.replace(os.path.join(incoming, "db"), live)
+            _fsync_dir(self.data_dir)
             shutil.rmtree(incoming, ignore_errors=True)
             self._kv = RocksKV(live)
             listener = self.saga_log.listener
