@@ -39,6 +39,7 @@ from typing import Any
 
 import pysyncobj.syncobj as pso_syncobj
 from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.monotonic import monotonic as raft_clock  # not time.monotonic's clock
 from pysyncobj.transport import TCPTransport
 
 from sagalog.journal import DurableJournal
@@ -304,7 +305,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             # A restarted node that times out before the current leader reaches it
             # would start an election at a higher term and depose a healthy leader
             # (pysyncobj has no PreVote). Give the leader time to reach it first.
-            self._SyncObj__raftElectionDeadline = time.monotonic() + timing.rejoin_grace_ms / 1000
+            self._SyncObj__raftElectionDeadline = raft_clock() + timing.rejoin_grace_ms / 1000
 
     def _path(self, name: str) -> str:
         return os.path.join(self.data_dir, name)
@@ -334,7 +335,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         answers then look stale and it sends nothing a newer leader might contradict.
         """
         last = getattr(self, "_SyncObj__lastResponseTime", {})
-        deadline = time.monotonic() - seconds
+        deadline = raft_clock() - seconds
         fresh = 1 + sum(1 for t in list(last.values()) if t > deadline)
         return fresh > (len(last) + 1) / 2
 
