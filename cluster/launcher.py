@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -38,6 +39,26 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def stop_processes(procs: Iterable[subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM each process that still runs (SIGCONT first: a stopped process cannot
+    handle TERM); SIGKILL what is still running at the deadline. Only these PIDs."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 @dataclass
@@ -174,20 +195,7 @@ class LocalCluster:
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every node we started; SIGKILL what is still running at the deadline."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGCONT)
-                    proc.terminate()
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + timeout_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_processes(self.procs.values(), timeout_s)
         for node_id in list(self._channels):
             self._drop_channel(node_id)
 

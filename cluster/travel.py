@@ -22,7 +22,7 @@ import grpc
 from saga.v1 import log_pb2
 
 from cluster.grpcutil import channel_to
-from cluster.launcher import free_ports
+from cluster.launcher import free_ports, stop_processes
 from cluster.participant import ParticipantState, db_path_for, read_state
 
 TRAVEL_SERVICES = ("Hotel", "Car", "Flight", "Payment")
@@ -229,20 +229,7 @@ class TravelParticipants:
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every participant we started; SIGKILL what still runs at the deadline."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle TERM
-                    proc.terminate()
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + timeout_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_processes(self.procs.values(), timeout_s)
 
     def logs(self, tail_lines: int = 60) -> str:
         """The end of every participant's log, for a failed test's report."""

@@ -141,25 +141,32 @@ def chain_definition(*names: str, endpoint: str = "127.0.0.1:1") -> log_pb2.Saga
     return log_pb2.SagaDefinition(name="chain", vertices=vertices)
 
 
-def completed_saga(saga_id: str, epoch: int, payload: bytes = b"{}") -> list[log_pb2.Record]:
-    """The ten records of a travel-shaped saga (Hotel, Car, Flight in parallel, then
-    Payment) that completed: test and benchmark data for the log alone."""
+def travel_shaped_definition(
+    endpoint: str = "127.0.0.1:50061", max_attempts: int = 3
+) -> log_pb2.SagaDefinition:
+    """Hotel, Car and Flight in parallel, then Payment: the shape of the travel saga,
+    all on one endpoint (test and benchmark data; cluster.travel has the real one)."""
     parallel = ["Hotel", "Car", "Flight"]
     vertices = [
         log_pb2.Vertex(
             name=name,
-            endpoint="127.0.0.1:50061",
+            endpoint=endpoint,
             request=f"Book{name}",
             compensation=f"Cancel{name}",
             depends_on=parallel if name == "Payment" else [],
             timeout_ms=2000,
-            max_attempts=3,
+            max_attempts=max_attempts,
         )
         for name in parallel + ["Payment"]
     ]
-    definition = log_pb2.SagaDefinition(name="travel", vertices=vertices)
-    records = [start_saga(saga_id, epoch, definition, payload)]
-    for name in parallel + ["Payment"]:
+    return log_pb2.SagaDefinition(name="travel", vertices=vertices)
+
+
+def completed_saga(saga_id: str, epoch: int, payload: bytes = b"{}") -> list[log_pb2.Record]:
+    """The ten records of a travel-shaped saga that completed: test and benchmark
+    data for the log alone."""
+    records = [start_saga(saga_id, epoch, travel_shaped_definition(), payload)]
+    for name in ("Hotel", "Car", "Flight", "Payment"):
         records.append(start_t(saga_id, epoch, name, 1))
         records.append(end_t(saga_id, epoch, name, f"{name[0]}-{saga_id}".encode()))
     records.append(end_saga(saga_id, epoch, log_pb2.OUTCOME_COMPLETED))

@@ -16,21 +16,7 @@ EPOCH = 1
 
 
 def travel() -> log_pb2.SagaDefinition:
-    parallel = ["Hotel", "Car", "Flight"]
-    return log_pb2.SagaDefinition(
-        name="travel",
-        vertices=[
-            log_pb2.Vertex(
-                name=n,
-                endpoint="127.0.0.1:1",
-                request=f"Book{n}",
-                compensation=f"Cancel{n}",
-                depends_on=parallel if n == "Payment" else [],
-                max_attempts=2,
-            )
-            for n in parallel + ["Payment"]
-        ],
-    )
+    return rec.travel_shaped_definition(endpoint="127.0.0.1:1", max_attempts=2)
 
 
 class Harness:

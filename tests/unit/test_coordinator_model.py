@@ -29,21 +29,7 @@ SAGAS = ["a", "b"]
 
 
 def definition() -> log_pb2.SagaDefinition:
-    parallel = ["Hotel", "Car", "Flight"]
-    return log_pb2.SagaDefinition(
-        name="travel",
-        vertices=[
-            log_pb2.Vertex(
-                name=n,
-                endpoint="p:1",
-                request=f"Book{n}",
-                compensation=f"Cancel{n}",
-                depends_on=parallel if n == "Payment" else [],
-                max_attempts=3,
-            )
-            for n in parallel + ["Payment"]
-        ],
-    )
+    return rec.travel_shaped_definition(endpoint="p:1", max_attempts=3)
 
 
 class Participants:
