@@ -11,6 +11,7 @@ after a failover and resume from the sequence number it saw last.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -307,22 +308,31 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         reply = sagas_pb2.ListReply()
         examined = 0
         last = ""
-        with self._node.raft.reading() as saga_log:
-            for saga_id in saga_log.saga_ids(after=request.page_token):
-                last = saga_id
-                examined += 1
-                view = SagaView.from_records(saga_id, saga_log.records(saga_id))
-                state = saga_state(view)
-                if not request.state or request.state == state:
-                    reply.sagas.add(
-                        saga_id=saga_id,
-                        state=state,  # type: ignore[arg-type]
-                        name=view.definition.name if view.definition else "",
-                    )
-                if len(reply.sagas) >= page_size or examined >= LIST_SCAN_LIMIT:
-                    reply.next_page_token = last
-                    break
+        ids = self._page_of_ids(request.page_token, LIST_SCAN_LIMIT)
+        for saga_id in ids:
+            last = saga_id
+            examined += 1
+            # One saga at a time under the store lock: a long List must not hold up
+            # a snapshot install or the coordinator's reads.
+            with self._node.raft.reading() as saga_log:
+                records = saga_log.records(saga_id)
+            view = SagaView.from_records(saga_id, records)
+            state = saga_state(view)
+            if not request.state or request.state == state:
+                reply.sagas.add(
+                    saga_id=saga_id,
+                    state=state,  # type: ignore[arg-type]
+                    name=view.definition.name if view.definition else "",
+                )
+            if len(reply.sagas) >= page_size:
+                break
+        if len(reply.sagas) >= page_size or examined >= LIST_SCAN_LIMIT:
+            reply.next_page_token = last
         return reply
+
+    def _page_of_ids(self, after: str, limit: int) -> list[str]:
+        with self._node.raft.reading() as saga_log:
+            return list(itertools.islice(saga_log.saga_ids(after=after), limit))
 
     def Watch(self, request: Any, context: Any) -> Iterator[sagas_pb2.WatchEvent]:
         error = codec.check_saga_id(request.saga_id)
