@@ -136,6 +136,10 @@ class _SyncingTransport(TCPTransport):
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         if self._faults is not None and self._faults.blocks_from(node):
             return
+        if message.get("type") == "append_entries" and "prevLogIdx" in message:
+            self._syncObj._drop_conflicting_suffix(
+                message["prevLogIdx"], message["prevLogTerm"], message["term"]
+            )
         super()._onMessageReceived(node, message)
 
     def _onTick(self) -> None:
@@ -324,6 +328,39 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             log.exception("bug: apply raised")
             fail_stop(f"unexpected error applying Raft entry {index}")
         raise AssertionError("unreachable")
+
+    # ---- log matching --------------------------------------------------------------
+
+    def _drop_conflicting_suffix(self, prev_idx: int, prev_term: int, leader_term: int) -> None:
+        """Raft's "an entry that conflicts with the leader's: delete it and all that
+        follow", applied as soon as the leader's AppendEntries shows the conflict.
+
+        pysyncobj only answers "go back one" and keeps its conflicting suffix; the
+        leader, meanwhile, has pipelined AppendEntries beyond it, whose answers
+        ("my log ends at N") reset the leader's next index forward again. A follower
+        left with an uncommitted suffix from an old term (a leader crash) then never
+        catches up (seen in chaos runs). Dropping the suffix makes every answer move
+        the next index down. Safe: an entry whose term differs from the current
+        leader's at the same index was never committed; committed and applied
+        entries are never touched."""
+        if leader_term < self.raftCurrentTerm:
+            return  # a deposed leader's message; pysyncobj ignores it too
+        journal = self._journal
+        if not len(journal):
+            return
+        pos = prev_idx - journal[0][1]
+        if pos <= 0 or pos >= len(journal) or journal[pos][2] == prev_term:
+            return
+        if prev_idx <= max(self.raftCommitIndex, self.raftLastApplied):
+            return
+        log.warning(
+            "dropping %d uncommitted entries from index %d (term %d; the leader has term %d)",
+            len(journal) - pos,
+            prev_idx,
+            journal[pos][2],
+            prev_term,
+        )
+        journal.deleteEntriesFrom(pos)
 
     # ---- reads from other threads --------------------------------------------------
 
