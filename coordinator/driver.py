@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from pysyncobj import FAIL_REASON
 from saga.v1 import log_pb2, participant_pb2_grpc
 
 from coordinator import core
@@ -102,6 +103,11 @@ class Driver:
         # Testing aid: SAGA_CRASH_POINT=before_request|before_end_t|mid_compensation
         # makes this process die (as by SIGKILL) the first time it reaches that point.
         self._crash_point = os.environ.get("SAGA_CRASH_POINT", "")
+        # Pause detection (see _leading): when this thread last checked the clock,
+        # and whether leadership was confirmed by a commit since the last gap.
+        self._last_seen = time.monotonic()
+        self._confirmed = True  # the node just committed its Epoch
+        self._barrier_sent_at: float | None = None  # a confirmation commit in flight
         self.stats = {"proposals": 0, "records": 0, "calls": 0, "replies": 0}
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -158,6 +164,9 @@ class Driver:
         if self._stop.is_set():
             return
         now = time.monotonic()
+        # Waiting for events is not a pause; anything longer than the wait is.
+        if now - self._last_seen <= timeout + self._lease_s:
+            self._last_seen = now
         while self._timers and self._timers[0][0] <= now:
             _, _, saga_id, call = heapq.heappop(self._timers)
             self._retry(saga_id, call)
@@ -180,6 +189,9 @@ class Driver:
             self._reply(event[1], event[2], event[3])
         elif kind == "proposed":
             self._proposed(event[1], event[2], event[3])
+        elif kind == "confirmed":
+            self._barrier_sent_at = None
+            self._confirmed = event[1] == FAIL_REASON.SUCCESS
 
     # ---- folding the log -------------------------------------------------------------
 
@@ -344,12 +356,39 @@ class Driver:
     # ---- IO: participant calls -------------------------------------------------------
 
     def _leading(self) -> bool:
-        """This node is still in office and a majority answered it recently: it may
-        still act for its epoch. Checked before every call and every proposal."""
+        """May this driver act for its epoch now? Checked before every participant
+        call and every proposal.
+
+        In office, and a majority answered recently (the lease). The lease alone
+        is fooled by a pause (SIGSTOP, a long GC or swap): on resuming, the Raft
+        thread may first read answers that were queued during the pause, which
+        look fresh. So a gap in this thread's own clock readings longer than the
+        lease withdraws the permission until a commit (an empty entry) proves that
+        no newer leader exists."""
+        now = time.monotonic()
+        if now - self._last_seen > self._lease_s:
+            self._confirmed = False
+        self._last_seen = now
+        if not self._confirmed:
+            self._confirm()
+            return False
         if self._in_office is not None and not self._in_office():
             return False
         check = getattr(self._raft, "majority_heard_within", None)
         return check is None or bool(check(self._lease_s))
+
+    def _confirm(self) -> None:
+        """Commit an empty entry; its callback restores the permission to act. A
+        lost callback is replaced after the proposal deadline."""
+        now = time.monotonic()
+        if self._barrier_sent_at is not None and now - self._barrier_sent_at < PROPOSAL_DEADLINE_S:
+            return
+        self._barrier_sent_at = now
+
+        def done(result: Any, reason: int) -> None:
+            self._events.put(("confirmed", reason))
+
+        self._raft.apply_batch(codec.encode_batch([]), callback=done)
 
     def _channel(self, endpoint: str) -> grpc.Channel:
         channel = self._channels.get(endpoint)
