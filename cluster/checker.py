@@ -39,7 +39,8 @@ class Received:
     participant: str
     kind: str  # execute | compensate
     epoch: int
-    at: float
+    at: float  # when the participant handled it
+    sent_ms: int = 0  # when the coordinator sent it (0: unknown)
 
 
 @dataclass
@@ -134,15 +135,20 @@ def check(obs: Observations) -> Verdict:
                 )
         last[(s.node, s.pid)] = s
 
-    newest: dict[str, int] = {}
+    # A request of an older epoch may still *arrive* after a newer epoch's first one
+    # (it was queued in a process that was then paused); what must not happen is
+    # that it was *sent* after the newer epoch's first request reached the participant.
+    newest: dict[str, tuple[int, float]] = {}  # participant -> (epoch, first seen at)
     for r in obs.received:
         if r.kind != "execute":
             continue
-        if r.epoch < newest.get(r.participant, 0):
+        epoch, first_at = newest.get(r.participant, (0, 0.0))
+        if r.epoch < epoch and (r.sent_ms == 0 or r.sent_ms / 1000 > first_at):
             problems["no older epoch after a newer one"].append(
-                f"{r.participant}: epoch {r.epoch} after {newest[r.participant]}"
+                f"{r.participant}: epoch {r.epoch} sent after epoch {epoch} arrived"
             )
-        newest[r.participant] = max(newest.get(r.participant, 0), r.epoch)
+        if r.epoch > epoch:
+            newest[r.participant] = (r.epoch, r.at)
 
     leaders = [s.leader for s in sorted(obs.samples, key=lambda s: s.at) if s.leader]
     changes = sum(1 for a, b in zip(leaders, leaders[1:], strict=False) if a != b)
@@ -204,5 +210,5 @@ def collect(
         for booking in state.bookings.values():
             obs.bookings.append(Booking(name, booking.saga_id, booking.vertex, booking.status))
         for call in state.calls:
-            obs.received.append(Received(name, call.kind, call.epoch, call.at))
+            obs.received.append(Received(name, call.kind, call.epoch, call.at, call.sent_ms))
     return obs

@@ -123,7 +123,8 @@ CREATE TABLE IF NOT EXISTS calls (
     answer          TEXT NOT NULL,
     ok              INTEGER,                         -- NULL when no StepReply was decided
     output          BLOB NOT NULL,
-    error           TEXT NOT NULL
+    error           TEXT NOT NULL,
+    sent_ms         INTEGER NOT NULL DEFAULT 0      -- StepRequest.sent_unix_ms
 );
 CREATE INDEX IF NOT EXISTS calls_by_request ON calls (request_key);
 """
@@ -295,6 +296,7 @@ class CallInfo:
     request_key: str  # on Execute, the request's own key (its idempotency key)
     attempt: int
     epoch: int
+    sent_ms: int = 0  # when the coordinator sent it (StepRequest.sent_unix_ms)
 
     @staticmethod
     def of(kind: str, request: Any) -> CallInfo:
@@ -310,6 +312,7 @@ class CallInfo:
             request_key=request_key,
             attempt=request.attempt,
             epoch=request.epoch,
+            sent_ms=request.sent_unix_ms,
         )
 
 
@@ -489,8 +492,8 @@ class BookingStore:
     ) -> None:
         db.execute(
             "INSERT INTO calls (at, saga_id, vertex, kind, action, idempotency_key, request_key, "
-            "attempt, epoch, answer, ok, output, error) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "attempt, epoch, answer, ok, output, error, sent_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 time.time(),
                 call.saga_id,
@@ -505,6 +508,7 @@ class BookingStore:
                 None if reply is None else int(reply.ok),
                 b"" if reply is None else reply.output,
                 "" if reply is None else reply.error,
+                call.sent_ms,
             ),
         )
 
@@ -570,6 +574,7 @@ class Call:
     ok: bool | None
     output: bytes
     error: str
+    sent_ms: int  # when the coordinator sent it (0: unknown)
 
 
 @dataclass
@@ -616,7 +621,7 @@ def read_state(db_path: str) -> ParticipantState:
             state.compensations[row[0]] = Compensation(*row)
         for row in db.execute(
             "SELECT id, at, saga_id, vertex, kind, action, idempotency_key, request_key, "
-            "attempt, epoch, answer, ok, output, error FROM calls ORDER BY id"
+            "attempt, epoch, answer, ok, output, error, sent_ms FROM calls ORDER BY id"
         ):
             values = list(row)
             values[11] = None if row[11] is None else bool(row[11])  # ok: stored as 0/1

@@ -419,6 +419,7 @@ class Driver:
         self._calls_in_flight += 1
         self.stats["calls"] += 1
         saga_id = view.saga_id
+        request.sent_unix_ms = self._now_ms()  # lets a checker tell sent-late from delivered-late
         try:
             future = method.future(request, timeout=core.timeout_ms(vertex) / 1000)
         except Exception as exc:  # e.g. an endpoint gRPC cannot parse

@@ -20,7 +20,12 @@ def clean() -> Observations:
         Booking("Hotel", "ab-1", "Hotel", "cancelled"),
         Booking("Car", "ab-1", "Car", "refused"),
     ]
-    obs.received = [Received("Hotel", "execute", 1, 1.0), Received("Hotel", "execute", 2, 2.0)]
+    obs.received = [
+        Received("Hotel", "execute", 1, 1.0, 900),
+        Received("Hotel", "execute", 2, 2.0, 1900),
+        # Sent before epoch 2 existed, delivered late (a paused sender): allowed.
+        Received("Hotel", "execute", 1, 2.5, 1500),
+    ]
     obs.digests = {"n1": ("abc", 10), "n2": ("abc", 10), "n3": ("abc", 10)}
     obs.samples = [
         Sample(1.0, "n1", 100, 1, 5, "n1", 3),
@@ -66,7 +71,7 @@ def plant_commit_going_back(obs: Observations) -> None:
 
 
 def plant_old_epoch_after_new(obs: Observations) -> None:
-    obs.received.append(Received("Hotel", "execute", 1, 3.0))
+    obs.received.append(Received("Hotel", "execute", 1, 3.0, 2900))
 
 
 def plant_saga_twice(obs: Observations) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19saga/v1/participant.proto\x12\x07saga.v1\"\x81\x02\n\x0bStepRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06vertex\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x13\n\x0brequest_key\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x32\n\x07outputs\x18\t \x03(\x0b\x32!.saga.v1.StepRequest.OutputsEntry\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"6\n\tStepReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06output\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t2z\n\x0bParticipant\x12\x33\n\x07\x45xecute\x12\x14.saga.v1.StepRequest\x1a\x12.saga.v1.StepReply\x12\x36\n\nCompensate\x12\x14.saga.v1.StepRequest\x1a\x12.saga.v1.StepReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19saga/v1/participant.proto\x12\x07saga.v1\"\x97\x02\n\x0bStepRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06vertex\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x13\n\x0brequest_key\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\r\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x32\n\x07outputs\x18\t \x03(\x0b\x32!.saga.v1.StepRequest.OutputsEntry\x12\x14\n\x0csent_unix_ms\x18\n \x01(\x03\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"6\n\tStepReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06output\x18\x02 \x01(\x0c\x12\r\n\x05\x65rror\x18\x03 \x01(\t2z\n\x0bParticipant\x12\x33\n\x07\x45xecute\x12\x14.saga.v1.StepRequest\x1a\x12.saga.v1.StepReply\x12\x36\n\nCompensate\x12\x14.saga.v1.StepRequest\x1a\x12.saga.v1.StepReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPREQUEST_OUTPUTSENTRY']._loaded_options = None
   _globals['_STEPREQUEST_OUTPUTSENTRY']._serialized_options = b'8\001'
   _globals['_STEPREQUEST']._serialized_start=39
-  _globals['_STEPREQUEST']._serialized_end=296
-  _globals['_STEPREQUEST_OUTPUTSENTRY']._serialized_start=250
-  _globals['_STEPREQUEST_OUTPUTSENTRY']._serialized_end=296
-  _globals['_STEPREPLY']._serialized_start=298
-  _globals['_STEPREPLY']._serialized_end=352
-  _globals['_PARTICIPANT']._serialized_start=354
-  _globals['_PARTICIPANT']._serialized_end=476
+  _globals['_STEPREQUEST']._serialized_end=318
+  _globals['_STEPREQUEST_OUTPUTSENTRY']._serialized_start=272
+  _globals['_STEPREQUEST_OUTPUTSENTRY']._serialized_end=318
+  _globals['_STEPREPLY']._serialized_start=320
+  _globals['_STEPREPLY']._serialized_end=374
+  _globals['_PARTICIPANT']._serialized_start=376
+  _globals['_PARTICIPANT']._serialized_end=498
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StepRequest(_message.Message):
-    __slots__ = ("saga_id", "vertex", "action", "payload", "idempotency_key", "request_key", "attempt", "epoch", "outputs")
+    __slots__ = ("saga_id", "vertex", "action", "payload", "idempotency_key", "request_key", "attempt", "epoch", "outputs", "sent_unix_ms")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class StepRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     saga_id: str
     vertex: str
     action: str
@@ -33,7 +34,8 @@ class StepRequest(_message.Message):
     attempt: int
     epoch: int
     outputs: _containers.ScalarMap[str, bytes]
-    def __init__(self, saga_id: _Optional[str] = ..., vertex: _Optional[str] = ..., action: _Optional[str] = ..., payload: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ..., request_key: _Optional[str] = ..., attempt: _Optional[int] = ..., epoch: _Optional[int] = ..., outputs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    sent_unix_ms: int
+    def __init__(self, saga_id: _Optional[str] = ..., vertex: _Optional[str] = ..., action: _Optional[str] = ..., payload: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ..., request_key: _Optional[str] = ..., attempt: _Optional[int] = ..., epoch: _Optional[int] = ..., outputs: _Optional[_Mapping[str, bytes]] = ..., sent_unix_ms: _Optional[int] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ("ok", "output", "error")
