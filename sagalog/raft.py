@@ -136,10 +136,9 @@ class _SyncingTransport(TCPTransport):
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         if self._faults is not None and self._faults.blocks_from(node):
             return
-        if message.get("type") == "append_entries" and "prevLogIdx" in message:
-            self._syncObj._drop_conflicting_suffix(
-                message["prevLogIdx"], message["prevLogTerm"], message["term"]
-            )
+        drop = getattr(self._syncObj, "_drop_conflicting_suffix", None)  # SagaLogRaft's
+        if drop is not None and message.get("type") == "append_entries" and "prevLogIdx" in message:
+            drop(message["prevLogIdx"], message["prevLogTerm"], message["term"])
         super()._onMessageReceived(node, message)
 
     def _onTick(self) -> None:
