@@ -56,6 +56,9 @@ class NodeConfig:
     """gRPC server threads (each blocking call or Watch stream holds one)."""
     compaction_min_entries: int = 50_000
     """Journal entries before a snapshot is taken and the journal compacted."""
+    coordinator: bool = True
+    """Run the Saga Execution Coordinator while this node leads. Off only to
+    measure the log alone (bench/log_append.py): sagas are then logged, not run."""
     fault_file: str | None = None
     """Testing aid: a JSON file of Raft link faults (see sagalog.raft.LinkFaults),
     re-read when it changes. Never set it in production."""
@@ -122,6 +125,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--raft-password-file", metavar="FILE", help="file holding the Raft secret")
     p.add_argument("--fault-file", metavar="FILE", help="testing aid: Raft link faults (JSON)")
+    p.add_argument(
+        "--no-coordinator",
+        action="store_true",
+        help="log only: do not run sagas (for benchmarking the log)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -147,6 +155,8 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
         values["peers"] = tuple(Peer.parse(p) for p in args.peer)
     if args.fault_file:
         values["fault_file"] = args.fault_file
+    if args.no_coordinator:
+        values["coordinator"] = False
     if args.raft_password_file:
         values["raft_password"] = _read_secret(args.raft_password_file)
     missing = [f for f in ("id", "raft_addr", "grpc_addr", "data_dir") if f not in values]

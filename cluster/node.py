@@ -204,7 +204,7 @@ class Node:
         """The coordinator runs exactly while this node is in office."""
         assert self.raft is not None
         driver = self.driver
-        if self.in_office():
+        if self.in_office() and self.config.coordinator:
             if driver is None or driver.epoch != self.epoch_number or not driver.running:
                 self._stop_driver()
                 driver = Driver(
