@@ -8,12 +8,12 @@ the records to RocksDB) must be missing:
 * the same journal: `sagalog.journal.DurableJournal`, installed through
   `sagalog.raft._durable_journal`, fsynced before any Raft message leaves through
   `sagalog.raft._SyncingTransport`;
-* the same `SyncObjConf` values as `SagaLogRaft.__init__`. They are copied here on
-  purpose, not factored out of `sagalog`: the bench must not reshape the code it
-  measures. Keep `_conf` in step with `sagalog/raft.py` by hand;
+* the same `SyncObjConf`: `sagalog.raft.raft_conf`, the builder `SagaLogRaft`
+  uses, without the snapshot hooks (pysyncobj's own pickle; no compaction runs
+  during a bench: it starts at 50,000 journal entries or after 24 hours);
 * the same `RaftTiming` (the default, or the `[timing]` table of `--config`,
   which is what `LocalCluster` passes to `sagalog-node`);
-* the same gRPC server shape as `cluster.node.Node` (32 worker threads, the same
+* the same gRPC server shape as `cluster.node.Node` (`DEFAULT_GRPC_WORKERS` worker threads, the same
   options) and a `Propose` that waits for its callback with a deadline and a cap
   on in-flight calls, like `sagalog.proposer.Proposer`;
 * Raft entries of the same size: the replicated method receives the proposed
@@ -37,22 +37,21 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObj, replicated
 from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
-from cluster.config import Peer
+from cluster.config import DEFAULT_GRPC_WORKERS, Peer
 from sagalog import codec
 from sagalog.journal import DurableJournal
 from sagalog.proposer import DEFAULT_MAX_IN_FLIGHT
-from sagalog.raft import RaftTiming, _durable_journal, _SyncingTransport
+from sagalog.raft import RaftTiming, _durable_journal, _SyncingTransport, raft_conf
 
 log = logging.getLogger("bench.counter_node")
 
 # Mirrored from cluster/ (copied, like the Raft configuration below).
-GRPC_WORKERS = 32  # cluster.config.NodeConfig.grpc_workers default
+GRPC_WORKERS = DEFAULT_GRPC_WORKERS  # as a sagalog-node
 GRPC_MAX_MESSAGE_BYTES = codec.MAX_BATCH_BYTES + (1 << 20)  # cluster.node
 PROPOSE_TIMEOUT_MS = 5000  # cluster.config.NodeConfig.propose_timeout_ms default
-COMPACTION_MIN_ENTRIES = 50_000  # SagaLogRaft's default compaction_min_entries
 
 _REASON_NAMES = {getattr(FAIL_REASON, n): n for n in dir(FAIL_REASON) if n.isupper()}
 _ROLES = {0: cluster_pb2.FOLLOWER, 1: cluster_pb2.CANDIDATE, 2: cluster_pb2.LEADER}
@@ -62,33 +61,6 @@ def raft_role(raft: SyncObj) -> int:
     """As cluster.service.raft_role: the attribute itself, since getStatus() iterates
     dicts that the Raft thread mutates."""
     return _ROLES.get(getattr(raft, "_SyncObj__raftState", 0), cluster_pb2.FOLLOWER)
-
-
-def _conf(timing: RaftTiming, data_dir: str) -> SyncObjConf:
-    """SagaLogRaft's SyncObjConf, value for value, minus its snapshot hooks.
-
-    The Saga Log writes snapshots through its own serializer; the counter keeps
-    pysyncobj's (a pickle of its state). Neither runs during a bench: compaction
-    starts at 50,000 journal entries or after 24 hours.
-    """
-    return SyncObjConf(
-        password=None,  # LocalCluster starts sagalog-node without a password too
-        autoTickPeriod=timing.tick_ms / 1000,
-        appendEntriesPeriod=timing.append_period_ms / 1000,
-        raftMinTimeout=timing.election_min_ms / 1000,
-        raftMaxTimeout=timing.election_max_ms / 1000,
-        leaderFallbackTimeout=timing.leader_fallback_ms / 1000,
-        connectionRetryTime=timing.reconnect_ms / 1000,
-        connectionTimeout=timing.connection_timeout_ms / 1000,
-        appendEntriesUseBatch=False,
-        commandsQueueSize=100_000,
-        journalFile=os.path.join(data_dir, "journal"),
-        fullDumpFile=os.path.join(data_dir, "snapshot"),
-        useFork=False,
-        logCompactionMinEntries=COMPACTION_MIN_ENTRIES,
-        logCompactionMinTime=24 * 3600,
-        dynamicMembershipChange=False,
-    )
 
 
 class CounterRaft(SyncObj):  # type: ignore[misc]
@@ -108,7 +80,7 @@ class CounterRaft(SyncObj):  # type: ignore[misc]
         self._journal = DurableJournal(os.path.join(data_dir, "journal"))
         with _durable_journal(self._journal):
             super().__init__(
-                self_addr, peer_addrs, _conf(timing, data_dir), transportClass=_SyncingTransport
+                self_addr, peer_addrs, raft_conf(timing, data_dir), transportClass=_SyncingTransport
             )
 
     @replicated

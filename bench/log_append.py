@@ -89,24 +89,7 @@ class CounterCluster(LocalCluster):
     sagalog-node: free ports (cluster.launcher.free_ports), one log file per node, and
     stop_all ends exactly the processes it started, by PID."""
 
-    def command(self, node_id: str) -> list[str]:
-        spec = self.specs[node_id]
-        cmd = [
-            sys.executable,
-            str(COUNTER_NODE),
-            "--id",
-            spec.id,
-            "--raft-addr",
-            spec.raft_addr,
-            "--grpc-addr",
-            spec.grpc_addr,
-            "--data-dir",
-            spec.data_dir,
-        ]
-        for other in self.specs.values():
-            if other.id != node_id:
-                cmd += ["--peer", f"{other.id}={other.raft_addr},{other.grpc_addr}"]
-        return cmd
+    program = (str(COUNTER_NODE),)
 
     def wait_for_leader(
         self, timeout_s: float = 10.0, among: list[str] | None = None

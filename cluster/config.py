@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields, replace
 
 from sagalog.raft import RaftTiming
 
+DEFAULT_GRPC_WORKERS = 64
+
 _ADDR_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
@@ -52,7 +54,7 @@ class NodeConfig:
     """Default deadline of one proposal."""
     max_in_flight_proposals: int = 10_000
     """Proposals waiting on this node at once; more get RESOURCE_EXHAUSTED."""
-    grpc_workers: int = 64
+    grpc_workers: int = DEFAULT_GRPC_WORKERS
     """gRPC server threads (each blocking call or Watch stream holds one)."""
     compaction_min_entries: int = 50_000
     """Journal entries before a snapshot is taken and the journal compacted."""

@@ -14,6 +14,8 @@ import os
 import secrets
 from dataclasses import dataclass
 
+from sagalog.fsync import replace_durably
+
 IDENTITY_FILE = "node.json"
 
 
@@ -56,14 +58,5 @@ def open_data_dir(data_dir: str, node_id: str) -> Identity:
 def persist(data_dir: str, identity: Identity) -> None:
     """Write the identity durably (temp file, fsync, rename, fsync the directory)."""
     path = os.path.join(data_dir, IDENTITY_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"node_id": identity.node_id, "incarnation": identity.incarnation.hex()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(data_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    doc = {"node_id": identity.node_id, "incarnation": identity.incarnation.hex()}
+    replace_durably(path, path + ".tmp", [json.dumps(doc).encode()])

@@ -72,6 +72,8 @@ class NodeSpec:
 
 
 class LocalCluster:
+    program: tuple[str, ...] = ("-m", "cluster.node")  # what each node runs
+
     def __init__(
         self,
         base_dir: str,
@@ -123,8 +125,7 @@ class LocalCluster:
         spec = self.specs[node_id]
         cmd = [
             sys.executable,
-            "-m",
-            "cluster.node",
+            *self.program,
             "--id",
             spec.id,
             "--raft-addr",

@@ -41,6 +41,8 @@ from typing import Any, TypeVar, overload
 from pysyncobj.journal import Journal
 from pysyncobj.pickle import to_bytes
 
+from sagalog.fsync import fsync_dir, pwrite_all, replace_durably
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"SAGAJRNL"
@@ -105,42 +107,6 @@ def _file_header() -> bytes:
     return _FILE_HEADER.pack(MAGIC, FORMAT_VERSION, 0)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename or a file creation in the directory of `path` durable."""
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_durably(path: str, tmp_path: str, chunks: Sequence[bytes]) -> None:
-    """Write `chunks` to `tmp_path`, fsync, rename onto `path`, fsync the directory.
-
-    After a crash `path` holds either the old content or the whole new content,
-    never a mix or an empty file.
-    """
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        offset = 0
-        for chunk in chunks:
-            _pwrite_all(fd, chunk, offset)
-            offset += len(chunk)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp_path, path)
-    _fsync_dir(path)
-
-
 class DurableJournal(Journal):
     """A pysyncobj journal whose acknowledged state survives crashes and power loss."""
 
@@ -165,7 +131,7 @@ class DurableJournal(Journal):
 
         if not os.path.exists(path) or os.path.getsize(path) == 0:
             # Created atomically, so a file without a valid header is never ours.
-            _replace_durably(path, path + ".tmp", [_file_header()])
+            replace_durably(path, path + ".tmp", [_file_header()])
         self._fd = os.open(path, os.O_RDWR)
         self._synced_fd = -1
         try:
@@ -318,14 +284,14 @@ class DurableJournal(Journal):
             "raftCommitIndex": self._commit_index,
         }
         data = json.dumps(meta, sort_keys=True).encode()
-        _replace_durably(self.meta_path, self.meta_path + ".tmp", [data])
+        replace_durably(self.meta_path, self.meta_path + ".tmp", [data])
         self._meta_dirty = False
 
     def _rewrite(self, entries: list[Entry]) -> None:
         """Replace the file with one holding exactly `entries`, atomically and durably."""
         frames = [_frame(*entry) for entry in entries]
         tmp = self.path + ".tmp"
-        _replace_durably(self.path, tmp, [_file_header(), *frames])
+        replace_durably(self.path, tmp, [_file_header(), *frames])
         new_fd = os.open(self.path, os.O_RDWR)
         os.close(self._fd)
         self._fd = new_fd
@@ -351,7 +317,7 @@ class DurableJournal(Journal):
             # Recovery would treat the gap as the end of the log and cut everything after it.
             raise ValueError(f"entry index {idx} does not follow {self._entries[-1][1]}")
         frame = _frame(cmd, idx, term)
-        _pwrite_all(self._fd, frame, self._end)
+        pwrite_all(self._fd, frame, self._end)
         self._entries.append((cmd, idx, term))
         self._offsets.append(self._end)
         self._end += len(frame)
@@ -392,7 +358,7 @@ class DurableJournal(Journal):
         start = slice(entryTo, None).indices(len(self._entries))[0]
         if start == 0:
             return
-        _fsync_dir(self.path)
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         self._rewrite(self._entries[start:])
 
     def align_to_snapshot(self, prev_entry: Sequence[Any], last_entry: Sequence[Any]) -> bool:

@@ -42,6 +42,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.monotonic import monotonic as raft_clock  # not time.monotonic's clock
 from pysyncobj.transport import TCPTransport
 
+from sagalog.fsync import fsync_dir, fsync_file, fsync_tree
 from sagalog.journal import DurableJournal
 from sagalog.kv import StoreError
 from sagalog.log import SagaLog
@@ -86,27 +87,6 @@ class RaftTiming:
             )
         if self.reconnect_ms <= 0:
             raise ValueError("reconnect_ms must be positive")
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: str) -> None:
-    """fsync every file and directory under root (an extracted store)."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_file(os.path.join(dirpath, name))
-        _fsync_dir(dirpath)
 
 
 def fail_stop(message: str) -> None:
@@ -237,6 +217,37 @@ class LinkFaults:
         return out
 
 
+def raft_conf(
+    timing: RaftTiming,
+    data_dir: str,
+    password: str | None = None,
+    compaction_min_entries: int = 50_000,
+    **hooks: Any,
+) -> SyncObjConf:
+    """The pysyncobj configuration of a Saga Log node (and of the bench's bare
+    counter, which must run with exactly the same settings)."""
+    return SyncObjConf(
+        password=password,
+        autoTickPeriod=timing.tick_ms / 1000,
+        appendEntriesPeriod=timing.append_period_ms / 1000,
+        raftMinTimeout=timing.election_min_ms / 1000,
+        raftMaxTimeout=timing.election_max_ms / 1000,
+        leaderFallbackTimeout=timing.leader_fallback_ms / 1000,
+        connectionRetryTime=timing.reconnect_ms / 1000,
+        connectionTimeout=timing.connection_timeout_ms / 1000,
+        # Each proposal is sent at once: the Saga Log batches records into entries.
+        appendEntriesUseBatch=False,
+        commandsQueueSize=100_000,
+        journalFile=os.path.join(data_dir, "journal"),
+        fullDumpFile=os.path.join(data_dir, "snapshot"),
+        useFork=False,
+        logCompactionMinEntries=compaction_min_entries,
+        logCompactionMinTime=24 * 3600,
+        dynamicMembershipChange=False,
+        **hooks,
+    )
+
+
 _journal_patch_lock = threading.Lock()
 
 
@@ -280,26 +291,13 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         self._kv = RocksKV(self._path("db"))
         self.saga_log = SagaLog(self._kv)
         self._journal = DurableJournal(self._path("journal"))
-        conf = SyncObjConf(
+        conf = raft_conf(
+            timing,
+            data_dir,
             password=password,
-            autoTickPeriod=timing.tick_ms / 1000,
-            appendEntriesPeriod=timing.append_period_ms / 1000,
-            raftMinTimeout=timing.election_min_ms / 1000,
-            raftMaxTimeout=timing.election_max_ms / 1000,
-            leaderFallbackTimeout=timing.leader_fallback_ms / 1000,
-            connectionRetryTime=timing.reconnect_ms / 1000,
-            connectionTimeout=timing.connection_timeout_ms / 1000,
-            # Each proposal is sent at once: we batch records into entries ourselves.
-            appendEntriesUseBatch=False,
-            commandsQueueSize=100_000,
-            journalFile=self._path("journal"),
-            fullDumpFile=self._path("snapshot"),
+            compaction_min_entries=compaction_min_entries,
             serializer=self._serialize,
             deserializer=self._deserialize,
-            useFork=False,
-            logCompactionMinEntries=compaction_min_entries,
-            logCompactionMinTime=24 * 3600,
-            dynamicMembershipChange=False,
             onStateChanged=on_state_changed,
         )
         with _durable_journal(self._journal):
@@ -395,8 +393,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
                 info.size = len(meta)
                 tar.addfile(info, io.BytesIO(meta))
                 tar.add(checkpoint, arcname="db")
-            with open(filename, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(filename)
         finally:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
@@ -405,8 +402,8 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         try:
             # pysyncobj writes a received snapshot without fsync and then clears the
             # journal durably: make the snapshot durable first.
-            _fsync_file(filename)
-            _fsync_dir(self.data_dir)
+            fsync_file(filename)
+            fsync_dir(self.data_dir)
             with tarfile.open(filename, "r") as tar:
                 member = tar.extractfile("raft.pickle")
                 assert member is not None
@@ -426,13 +423,13 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         shutil.rmtree(incoming, ignore_errors=True)
         members = [m for m in tar.getmembers() if m.name == "db" or m.name.startswith("db/")]
         tar.extractall(incoming, members=members, filter="data")
-        _fsync_tree(incoming)
+        fsync_tree(incoming)
         with self._store_lock:
             self._kv.close()
             live = self._path("db")
             shutil.rmtree(live)
             os.replace(os.path.join(incoming, "db"), live)
-            _fsync_dir(self.data_dir)
+            fsync_dir(self.data_dir)
             shutil.rmtree(incoming, ignore_errors=True)
             self._kv = RocksKV(live)
             listener = self.saga_log.listener
