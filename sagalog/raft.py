@@ -14,6 +14,14 @@ What this module adds to pysyncobj, and why:
   of a RocksDB checkpoint; the deserializer restores it only when the live store
   is behind the snapshot, and aligns the journal so a crash between writing the
   dump and compacting the journal loses nothing.
+* **Raft's log-matching rule on followers** (`align_append_entries`). pysyncobj
+  truncates everything after `prevLogIdx` on every AppendEntries, conflict or
+  not. A stale or shorter AppendEntries (the leader pipelines, and resends from
+  a lower index after a reset) then drops entries the follower has already
+  acknowledged, which the leader may have counted towards a commit: kill every
+  node in that window and a committed entry is gone (seen as diverged replicas
+  after a whole-cluster restart). Messages are rewritten so that pysyncobj only
+  deletes an entry that really conflicts with the leader's.
 * **Fail-stop**: a local storage failure or a bug inside apply ends the process.
   (An exception raised inside a replicated method would be retried on every tick
   and freeze the cluster; skipping the entry would diverge this replica.)
@@ -32,7 +40,7 @@ import shutil
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +50,9 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.monotonic import monotonic as raft_clock  # not time.monotonic's clock
 from pysyncobj.transport import TCPTransport
 
+from sagalog.codec import MAX_BATCH_BYTES
 from sagalog.fsync import fsync_dir, fsync_file, fsync_tree
-from sagalog.journal import DurableJournal
+from sagalog.journal import DurableJournal, Entry
 from sagalog.kv import StoreError
 from sagalog.log import SagaLog
 from sagalog.rocks import RocksKV
@@ -116,9 +125,9 @@ class _SyncingTransport(TCPTransport):
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         if self._faults is not None and self._faults.blocks_from(node):
             return
-        drop = getattr(self._syncObj, "_drop_conflicting_suffix", None)  # SagaLogRaft's
-        if drop is not None and message.get("type") == "append_entries" and "prevLogIdx" in message:
-            drop(message["prevLogIdx"], message["prevLogTerm"], message["term"])
+        align = getattr(self._syncObj, "_align_append_entries", None)  # SagaLogRaft's
+        if align is not None and message.get("type") == "append_entries":
+            align(message)
         super()._onMessageReceived(node, message)
 
     def _onTick(self) -> None:
@@ -217,6 +226,49 @@ class LinkFaults:
         return out
 
 
+def align_append_entries(journal: Sequence[Entry], message: dict[str, Any]) -> int | None:
+    """Rewrite an AppendEntries whose previous entry this follower holds, so that
+    pysyncobj's handling of it follows Raft's rules (§5.3):
+
+    * an entry already held with the same term is kept, not deleted and re-added;
+    * an entry whose term differs conflicts: it and everything after it go;
+    * entries after the message's last one stay, and the answer and the commit
+      index cover only what the message proved (its last entry).
+
+    pysyncobj deletes everything after `prevLogIdx` whenever the log extends past
+    it, appends the message's entries, and answers "my log now ends at the last
+    of them". So: move `prevLogIdx` to the last entry held in agreement and keep
+    only the entries after it; cap `commit_index` at what the message proved.
+    Returns the index of the first conflicting entry, the only deletion this
+    message warrants, or None (then pysyncobj's deletion must be refused).
+    Messages whose previous entry is missing or differs are left as they are:
+    pysyncobj rejects them.
+    """
+    if "prevLogIdx" not in message or "transmission" in message or not len(journal):
+        return None
+    first, last = journal[0][1], journal[-1][1]
+    prev = message["prevLogIdx"]
+    if not first <= prev <= last or journal[prev - first][2] != message["prevLogTerm"]:
+        return None
+    entries = message.get("entries") or []
+    conflict = None
+    keep = len(entries)  # entries[:keep] are held already, in agreement
+    for i, (_, idx, term) in enumerate(entries):
+        if idx > last:
+            keep = i
+            break
+        if journal[idx - first][2] != term:
+            keep, conflict = i, idx
+            break
+    proven = prev + len(entries)
+    agreed = prev + keep
+    message["prevLogIdx"] = agreed
+    message["prevLogTerm"] = journal[agreed - first][2]
+    message["entries"] = entries[keep:]
+    message["commit_index"] = min(message["commit_index"], proven)
+    return conflict
+
+
 def raft_conf(
     timing: RaftTiming,
     data_dir: str,
@@ -237,6 +289,9 @@ def raft_conf(
         connectionTimeout=timing.connection_timeout_ms / 1000,
         # Each proposal is sent at once: the Saga Log batches records into entries.
         appendEntriesUseBatch=False,
+        # Never split an entry into chunks ("transmission"): the chunked path hides
+        # the entry from `align_append_entries`. The largest entry is one batch.
+        appendEntriesBatchSizeBytes=MAX_BATCH_BYTES + 64 * 1024,
         commandsQueueSize=100_000,
         journalFile=os.path.join(data_dir, "journal"),
         fullDumpFile=os.path.join(data_dir, "snapshot"),
@@ -282,15 +337,19 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         compaction_min_entries: int = 50_000,
         on_state_changed: Callable[[int, int], None] | None = None,
         fault_file: str | None = None,
+        auto_tick: bool = True,  # False: the caller drives `doTick` (tests)
     ) -> None:
         timing.validate()
         self.data_dir = data_dir
         self._fault_file = fault_file
+        self._auto_tick = auto_tick
         os.makedirs(data_dir, exist_ok=True)
         self._store_lock = threading.RLock()  # held by readers and by a store swap
         self._kv = RocksKV(self._path("db"))
         self.saga_log = SagaLog(self._kv)
         self._journal = DurableJournal(self._path("journal"))
+        # The one follower truncation the AppendEntries being handled warrants.
+        self._approved_deletion: int | None = None
         conf = raft_conf(
             timing,
             data_dir,
@@ -299,6 +358,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             serializer=self._serialize,
             deserializer=self._deserialize,
             onStateChanged=on_state_changed,
+            autoTick=auto_tick,
         )
         with _durable_journal(self._journal):
             super().__init__(self_addr, peer_addrs, conf, transportClass=_SyncingTransport)
@@ -327,6 +387,28 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         raise AssertionError("unreachable")
 
     # ---- log matching --------------------------------------------------------------
+
+    def _align_append_entries(self, message: dict[str, Any]) -> None:
+        """Runs on the Raft thread just before pysyncobj handles an AppendEntries."""
+        self._approved_deletion = None
+        if message["term"] < self.raftCurrentTerm or "prevLogIdx" not in message:
+            return  # pysyncobj ignores a deposed leader's message; a snapshot has no prev
+        if "transmission" in message:
+            # A chunked entry (never sent by our configuration): pysyncobj's own rule.
+            self._approved_deletion = message["prevLogIdx"] + 1
+            return
+        prev, prev_term = message["prevLogIdx"], message["prevLogTerm"]
+        self._drop_conflicting_suffix(prev, prev_term, message["term"])
+        self._approved_deletion = align_append_entries(self._journal, message)
+
+    def _SyncObj__deleteEntriesFrom(self, from_idx: int) -> None:
+        """pysyncobj's follower truncation, limited to what `align_append_entries`
+        found in conflict; any other call would drop entries in agreement."""
+        if from_idx != self._approved_deletion:
+            return
+        if from_idx <= self.raftCommitIndex:
+            log.critical("deleting committed entries from %d: Raft safety is broken", from_idx)
+        SyncObj._SyncObj__deleteEntriesFrom(self, from_idx)
 
     def _drop_conflicting_suffix(self, prev_idx: int, prev_term: int, leader_term: int) -> None:
         """Raft's "an entry that conflicts with the leader's: delete it and all that
@@ -438,6 +520,9 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         log.info("installed snapshot at index %d", self.saga_log.applied_index())
 
     def close(self) -> None:
-        self.destroy_synchronous()
+        if self._auto_tick:
+            self.destroy_synchronous()
+        else:
+            self.destroy()
         with self._store_lock:
             self._kv.close()

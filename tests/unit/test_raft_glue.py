@@ -6,8 +6,9 @@ import json
 import os
 from types import SimpleNamespace
 
+from cluster.launcher import free_ports
 from sagalog.journal import DurableJournal
-from sagalog.raft import LinkFaults, SagaLogRaft
+from sagalog.raft import LinkFaults, RaftTiming, SagaLogRaft, align_append_entries
 
 
 def follower(tmp_path, terms: list[int], commit: int, current_term: int = 9):
@@ -52,3 +53,97 @@ def test_delayed_messages_keep_their_order_when_the_delay_is_lifted(tmp_path) ->
         queue[0] = (0.0, *queue[0][1:])
     assert [m for _, m in faults.due()] == ["first", "second"]
     assert faults.outgoing(peer, "third")  # nothing held any more: sent at once
+
+
+# ---- AppendEntries on a follower: Raft's log-matching rule -------------------------
+
+
+def held(pairs: list[tuple[int, int]]) -> list[tuple[bytes, int, int]]:
+    """Journal entries (command, index, term) for (index, term) pairs."""
+    return [(b"c%d" % idx, idx, term) for idx, term in pairs]
+
+
+def append(prev: int, prev_term: int, pairs: list[tuple[int, int]], commit: int = 0) -> dict:
+    return {
+        "type": "append_entries",
+        "term": 5,
+        "commit_index": commit,
+        "prevLogIdx": prev,
+        "prevLogTerm": prev_term,
+        "entries": held(pairs),
+    }
+
+
+def test_a_shorter_append_keeps_the_entries_after_it_and_proves_only_its_own() -> None:
+    journal = held([(1, 0), (2, 2), (3, 2), (4, 2), (5, 2)])
+    message = append(1, 0, [(2, 2), (3, 2)], commit=5)
+    assert align_append_entries(journal, message) is None  # no deletion warranted
+    assert (message["prevLogIdx"], message["prevLogTerm"], message["entries"]) == (3, 2, [])
+    assert message["commit_index"] == 3  # entries 4 and 5 were not proven by this message
+
+
+def test_entries_already_held_are_not_added_again() -> None:
+    journal = held([(1, 0), (2, 2), (3, 2)])
+    message = append(1, 0, [(2, 2), (3, 2), (4, 2), (5, 2)], commit=4)
+    assert align_append_entries(journal, message) is None
+    assert (message["prevLogIdx"], message["prevLogTerm"]) == (3, 2)
+    assert message["entries"] == held([(4, 2), (5, 2)])
+    assert message["commit_index"] == 4
+
+
+def test_the_first_conflicting_entry_is_where_deletion_starts() -> None:
+    journal = held([(1, 0), (2, 2), (3, 2), (4, 2), (5, 2)])
+    message = append(2, 2, [(3, 2), (4, 5), (5, 5)])
+    assert align_append_entries(journal, message) == 4
+    assert (message["prevLogIdx"], message["prevLogTerm"]) == (3, 2)
+    assert message["entries"] == held([(4, 5), (5, 5)])
+
+
+def test_a_missing_or_mismatched_previous_entry_is_left_to_pysyncobj() -> None:
+    journal = held([(1, 0), (2, 2), (3, 2)])
+    for message in (append(4, 2, [(5, 2)]), append(3, 4, [(4, 5)])):
+        before = dict(message)
+        assert align_append_entries(journal, message) is None
+        assert message == before
+
+
+def real_follower(tmp_path) -> SagaLogRaft:
+    """A SagaLogRaft that never ticks (so never campaigns): the test hands it
+    messages through the transport, as the network would."""
+    own, *peers = free_ports(3)
+    return SagaLogRaft(
+        f"127.0.0.1:{own}",
+        [f"127.0.0.1:{port}" for port in peers],
+        str(tmp_path / "n1"),
+        RaftTiming(),
+        auto_tick=False,
+    )
+
+
+def test_pysyncobj_keeps_acknowledged_entries_when_a_stale_append_arrives(tmp_path) -> None:
+    """The bug that diverged replicas after a whole-cluster restart: pysyncobj cut
+    every entry after a stale AppendEntries' prevLogIdx, entries it had acknowledged."""
+    raft = real_follower(tmp_path)
+    try:
+        transport = raft._SyncObj__transport
+        leader = sorted(raft._SyncObj__otherNodes, key=lambda n: n.address)[0]
+
+        def receive(message: dict) -> list[tuple[int, int]]:
+            transport._onMessageReceived(leader, message)
+            return [(e[1], e[2]) for e in raft._journal[:]]
+
+        assert receive(append(1, 0, [(2, 5), (3, 5), (4, 5), (5, 5)])) == [
+            (1, 0),
+            (2, 5),
+            (3, 5),
+            (4, 5),
+            (5, 5),
+        ]
+        # Sent before the longer one and delayed, or resent from a lower index.
+        assert len(receive(append(1, 0, [(2, 5), (3, 5)], commit=5))) == 5
+        assert raft.raftCommitIndex == 3  # what that message proved, not 5
+        # A real conflict still truncates: a newer leader replaced entries 4-5.
+        conflict = append(3, 5, [(4, 6)]) | {"term": 6}
+        assert receive(conflict) == [(1, 0), (2, 5), (3, 5), (4, 6)]
+    finally:
+        raft.close()
