@@ -269,11 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         level=level.upper(),
         format=f"%(asctime)s {config.id} %(levelname)s %(name)s: %(message)s",
     )
-    # pysyncobj logs CRITICAL "truncating already-applied log entries" on followers
-    # as a matter of course; it is noise that would hide real alarms.
-    logging.getLogger("pysyncobj.syncobj").addFilter(
-        lambda r: "truncating already-applied" not in r.getMessage()
-    )
     node = None
     try:
         me = ident.open_data_dir(config.data_dir, config.id)

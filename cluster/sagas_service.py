@@ -163,11 +163,11 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         try:
             return proposer.propose(codec.encode_batch(records), WRITE_TIMEOUT_S)
         except ProposeError as exc:
-            code = (
-                grpc.StatusCode.RESOURCE_EXHAUSTED
-                if exc.code in ("OVERLOADED", "QUEUE_FULL")
-                else grpc.StatusCode.UNAVAILABLE
-            )
+            code = {
+                "OVERLOADED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "QUEUE_FULL": grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "TOO_LARGE": grpc.StatusCode.INVALID_ARGUMENT,
+            }.get(exc.code, grpc.StatusCode.UNAVAILABLE)
             context.abort(code, str(exc))
             raise
 

@@ -13,6 +13,8 @@ from typing import Any
 from pysyncobj import FAIL_REASON
 from saga.v1 import log_pb2
 
+from sagalog.codec import MAX_BATCH_BYTES
+
 DEFAULT_MAX_IN_FLIGHT = 10_000
 
 # pysyncobj fail reasons after which the entry may still have been committed: a
@@ -46,6 +48,13 @@ class Proposer:
 
     def propose(self, batch: bytes, timeout_s: float) -> log_pb2.BatchResult:
         """Propose an encoded RecordBatch and wait until it is applied (blocking)."""
+        if len(batch) > MAX_BATCH_BYTES:
+            # Larger entries would take pysyncobj's chunked path (see raft_conf).
+            raise ProposeError(
+                "TOO_LARGE",
+                False,
+                f"the batch is {len(batch)} bytes; the limit is {MAX_BATCH_BYTES}",
+            )
         if not self._slots.acquire(blocking=False):
             raise ProposeError(
                 "OVERLOADED",

@@ -244,10 +244,10 @@ def align_append_entries(journal: Sequence[Entry], message: dict[str, Any]) -> i
     Messages whose previous entry is missing or differs are left as they are:
     pysyncobj rejects them.
     """
-    if "prevLogIdx" not in message or "transmission" in message or not len(journal):
+    prev = message.get("prevLogIdx")
+    if prev is None or "transmission" in message or not len(journal):
         return None
     first, last = journal[0][1], journal[-1][1]
-    prev = message["prevLogIdx"]
     if not first <= prev <= last or journal[prev - first][2] != message["prevLogTerm"]:
         return None
     entries = message.get("entries") or []
@@ -391,14 +391,22 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
     def _align_append_entries(self, message: dict[str, Any]) -> None:
         """Runs on the Raft thread just before pysyncobj handles an AppendEntries."""
         self._approved_deletion = None
-        if message["term"] < self.raftCurrentTerm or "prevLogIdx" not in message:
-            return  # pysyncobj ignores a deposed leader's message; a snapshot has no prev
+        if message["term"] < self.raftCurrentTerm:
+            return  # a deposed leader's message: pysyncobj ignores it
+        if "prevLogIdx" not in message:
+            # A snapshot chunk. pysyncobj would raise the commit index to the leader's
+            # over whatever this log holds, stale suffix included; a completed install
+            # proves nothing beyond the snapshot either. The next AppendEntries will.
+            message["commit_index"] = min(message["commit_index"], self.raftCommitIndex)
+            return
         if "transmission" in message:
-            # A chunked entry (never sent by our configuration): pysyncobj's own rule.
+            # A chunked entry: never sent (raft_conf; proposals are size-checked).
+            log.warning("chunked AppendEntries at %s: pysyncobj's rule", message["prevLogIdx"])
             self._approved_deletion = message["prevLogIdx"] + 1
             return
-        prev, prev_term = message["prevLogIdx"], message["prevLogTerm"]
-        self._drop_conflicting_suffix(prev, prev_term, message["term"])
+        prev = message["prevLogIdx"]
+        if prev is not None:
+            self._drop_conflicting_suffix(prev, message["prevLogTerm"], message["term"])
         self._approved_deletion = align_append_entries(self._journal, message)
 
     def _SyncObj__deleteEntriesFrom(self, from_idx: int) -> None:
@@ -406,7 +414,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         found in conflict; any other call would drop entries in agreement."""
         if from_idx != self._approved_deletion:
             return
-        if from_idx <= self.raftCommitIndex:
+        if from_idx <= max(self.raftCommitIndex, self.raftLastApplied):
             log.critical("deleting committed entries from %d: Raft safety is broken", from_idx)
         SyncObj._SyncObj__deleteEntriesFrom(self, from_idx)
 
@@ -440,6 +448,20 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             prev_term,
         )
         journal.deleteEntriesFrom(pos)
+
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:  # noqa: N803 (pysyncobj's)
+        """pysyncobj clears the whole journal when it installs a snapshot from the
+        leader, acknowledged entries after the snapshot included. Raft (§7) keeps
+        them when the log holds the snapshot's last entry. Keep them when, besides,
+        this log ends in the leader's current term: then every entry in it agrees
+        with the leader's (only the leader writes entries of its term, and log
+        matching covers the rest), so pysyncobj's answer "my log ends here" is true.
+        With clearJournal=False, pysyncobj still clears a journal that does not
+        start with the snapshot's two entries (`_deserialize` aligns it first)."""
+        journal = self._journal
+        if clearJournal and len(journal) and journal[-1][2] == self.raftCurrentTerm:
+            clearJournal = False
+        SyncObj._SyncObj__loadDumpFile(self, clearJournal)
 
     # ---- reads from other threads --------------------------------------------------
 

@@ -101,7 +101,8 @@ def test_the_first_conflicting_entry_is_where_deletion_starts() -> None:
 
 def test_a_missing_or_mismatched_previous_entry_is_left_to_pysyncobj() -> None:
     journal = held([(1, 0), (2, 2), (3, 2)])
-    for message in (append(4, 2, [(5, 2)]), append(3, 4, [(4, 5)])):
+    no_prev = append(0, 0, []) | {"prevLogIdx": None, "prevLogTerm": None}
+    for message in (append(4, 2, [(5, 2)]), append(3, 4, [(4, 5)]), no_prev):
         before = dict(message)
         assert align_append_entries(journal, message) is None
         assert message == before
@@ -142,6 +143,10 @@ def test_pysyncobj_keeps_acknowledged_entries_when_a_stale_append_arrives(tmp_pa
         # Sent before the longer one and delayed, or resent from a lower index.
         assert len(receive(append(1, 0, [(2, 5), (3, 5)], commit=5))) == 5
         assert raft.raftCommitIndex == 3  # what that message proved, not 5
+        # A snapshot message proves nothing about this log's entries: no commit.
+        snapshot_chunk = {"type": "append_entries", "term": 5, "commit_index": 5}
+        receive(snapshot_chunk | {"serialized": None})
+        assert raft.raftCommitIndex == 3
         # A real conflict still truncates: a newer leader replaced entries 4-5.
         conflict = append(3, 5, [(4, 6)]) | {"term": 6}
         assert receive(conflict) == [(1, 0), (2, 5), (3, 5), (4, 6)]
