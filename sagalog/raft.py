@@ -105,8 +105,20 @@ def fail_stop(message: str) -> None:
     os._exit(EXIT_STORAGE_FAILURE)
 
 
+KEEPALIVE_S = 0.25  # well below connection_timeout_ms
+_KEEPALIVE = {"type": "keepalive"}  # a type pysyncobj does not know; never passed to it
+
+
 class _SyncingTransport(TCPTransport):
     """TCP transport that makes the journal durable before any message leaves.
+
+    It keeps every link busy: pysyncobj checks a connection's read timeout when it
+    next sends on it, so the first message on an idle link (followers never talk
+    to each other while a leader lives) closes the link and is lost. That message
+    is a candidate's vote request, right after a leader died: the election failed
+    and took another timeout (terms went up by two per failover). A keepalive to
+    every peer each KEEPALIVE_S keeps links fresh, and a silent peer still trips
+    the read timeout.
 
     It also applies the link faults of a fault file when the node was started
     with one (a testing aid; off by default): see `LinkFaults`."""
@@ -115,6 +127,7 @@ class _SyncingTransport(TCPTransport):
         super().__init__(syncObj, selfNode, otherNodes)
         path = getattr(syncObj, "_fault_file", None)
         self._faults = LinkFaults(path) if path else None
+        self._next_keepalive = 0.0
 
     def send(self, node: Any, message: Any) -> bool:
         self._syncObj._journal.sync()
@@ -125,6 +138,8 @@ class _SyncingTransport(TCPTransport):
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         if self._faults is not None and self._faults.blocks_from(node):
             return
+        if message.get("type") == "keepalive":
+            return
         align = getattr(self._syncObj, "_align_append_entries", None)  # SagaLogRaft's
         if align is not None and message.get("type") == "append_entries":
             align(message)
@@ -132,6 +147,11 @@ class _SyncingTransport(TCPTransport):
 
     def _onTick(self) -> None:
         super()._onTick()
+        now = time.monotonic()
+        if now >= self._next_keepalive:
+            self._next_keepalive = now + KEEPALIVE_S
+            for peer in list(self._connections):
+                self.send(peer, _KEEPALIVE)
         if self._faults is not None:
             for node, message in self._faults.due():
                 self._syncObj._journal.sync()
