@@ -23,6 +23,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,11 @@ MAX_PROPOSAL_BYTES = 4 * 1024 * 1024  # below codec.MAX_BATCH_BYTES
 MAX_PROPOSALS_IN_FLIGHT = 64
 PROPOSAL_DEADLINE_S = 3.0
 MAX_CALLS_IN_FLIGHT = 10_000
-SWEEP_INTERVAL_S = 1.0
+SWEEP_INTERVAL_S = 1.0  # at most this often; longer with many sagas in flight
+SWEEP_SAGAS_PER_S = 20_000  # the sweep reads the in-flight index: spread its cost
+# Sagas re-planned per loop turn: a new leader with 100,000 sagas to resume still
+# handles replies and applied records between slices.
+MAX_ADVANCE_PER_TURN = 1_000
 STEP_REQUEST_MAX_BYTES = (
     codec.MAX_PAYLOAD_BYTES + codec.MAX_VERTICES * codec.MAX_OUTPUT_BYTES + (1 << 20)
 )
@@ -56,7 +61,6 @@ class _Run:
     calls: set[core.Call] = field(default_factory=set)  # outstanding participant calls
     waiting: set[core.Call] = field(default_factory=set)  # failed calls awaiting a retry
     pending: set[tuple] = field(default_factory=set)  # record identities proposed, not applied
-    dirty: bool = True
 
 
 def _identity(record: log_pb2.Record) -> tuple:
@@ -90,6 +94,9 @@ class Driver:
         self._on_fenced = on_fenced
         self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._runs: dict[str, _Run] = {}
+        # Sagas to re-plan, oldest first: only these are looked at in a turn.
+        self._dirty: OrderedDict[str, None] = OrderedDict()
+        self._backlog = False  # more dirty sagas than one turn re-plans
         self._timers: list[tuple[float, int, str, core.Call]] = []
         self._timer_seq = 0
         self._proposals: dict[int, tuple[float, list[tuple]]] = {}
@@ -107,7 +114,10 @@ class Driver:
         # and whether leadership was confirmed by a commit since the last gap.
         self._last_seen = time.monotonic()
         self._confirmed = True  # the node just committed its Epoch
-        self._barrier_sent_at: float | None = None  # a confirmation commit in flight
+        # Pauses detected so far. Only a confirmation commit sent after the latest
+        # one counts: one that committed before a pause proves nothing after it.
+        self._pauses = 0
+        self._barrier: tuple[float, int] | None = None  # (sent at, pauses) in flight
         self.stats = {"proposals": 0, "records": 0, "calls": 0, "replies": 0}
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -151,7 +161,7 @@ class Driver:
             self._stop.set()
 
     def _turn(self) -> None:
-        timeout = TURN_WAIT_S
+        timeout = 0.0 if self._backlog else TURN_WAIT_S
         if self._timers:
             timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
         try:
@@ -174,9 +184,11 @@ class Driver:
         if now >= self._next_sweep:
             self._sweep()
         now_ms = self._now_ms()
-        for saga_id, run in list(self._runs.items()):
-            if run.dirty:
-                run.dirty = False
+        self._backlog = len(self._dirty) > MAX_ADVANCE_PER_TURN  # next turn: no idle wait
+        for _ in range(min(len(self._dirty), MAX_ADVANCE_PER_TURN)):
+            saga_id, _ = self._dirty.popitem(last=False)
+            run = self._runs.get(saga_id)
+            if run is not None:
                 self._advance(saga_id, run, now_ms)
         self._flush()
 
@@ -190,8 +202,10 @@ class Driver:
         elif kind == "proposed":
             self._proposed(event[1], event[2], event[3])
         elif kind == "confirmed":
-            self._barrier_sent_at = None
-            self._confirmed = event[1] == FAIL_REASON.SUCCESS
+            reason, pauses = event[1], event[2]
+            if pauses == self._pauses:
+                self._barrier = None
+                self._confirmed = reason == FAIL_REASON.SUCCESS
 
     # ---- folding the log -------------------------------------------------------------
 
@@ -206,7 +220,7 @@ class Driver:
         elif seq > run.view.next_seq:  # a gap: read the saga again from the store
             self._load(saga_id)
             return
-        run.dirty = True
+        self._touch(saga_id)
 
     def _load(self, saga_id: str) -> None:
         with self._raft.reading() as saga_log:
@@ -218,21 +232,29 @@ class Driver:
             if old is not None:  # keep what is outstanding
                 run.calls, run.waiting, run.pending = old.calls, old.waiting, old.pending
             self._runs[saga_id] = run
+            self._touch(saga_id)
         else:
             self._runs.pop(saga_id, None)
 
+    def _touch(self, saga_id: str) -> None:
+        """Re-plan this saga in a coming turn."""
+        self._dirty[saga_id] = None
+
     def _sweep(self) -> None:
-        """Re-plan every in-flight saga; pick up any the events did not bring."""
-        self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        """The safety net: pick up in-flight sagas the events did not bring, and
+        re-plan every saga that waits on nothing (no call, retry timer or proposal
+        outstanding), which only a lost event can leave behind."""
         with self._raft.reading() as saga_log:
             in_flight = set(saga_log.in_flight())
+        interval = max(SWEEP_INTERVAL_S, len(in_flight) / SWEEP_SAGAS_PER_S)
+        self._next_sweep = time.monotonic() + interval
         for saga_id in in_flight - self._runs.keys():
             self._load(saga_id)
-        for saga_id in list(self._runs):
-            if saga_id not in in_flight and self._runs[saga_id].view.phase is Phase.ENDED:
+        for saga_id, run in list(self._runs.items()):
+            if saga_id not in in_flight and run.view.phase is Phase.ENDED:
                 del self._runs[saga_id]
-            else:
-                self._runs[saga_id].dirty = True
+            elif not (run.calls or run.waiting or run.pending):
+                self._touch(saga_id)
 
     # ---- deciding --------------------------------------------------------------------
 
@@ -275,7 +297,7 @@ class Driver:
             due = time.monotonic() + response.retry_after_ms / 1000
             heapq.heappush(self._timers, (due, self._timer_seq, saga_id, call))
         elif not response.records:
-            run.dirty = True  # a stale or ignored reply: re-plan
+            self._touch(saga_id)  # a stale or ignored reply: re-plan
 
     def _retry(self, saga_id: str, call: core.Call) -> None:
         run = self._runs.get(saga_id)
@@ -284,7 +306,7 @@ class Driver:
         run.waiting.discard(call)
         records = core.retry(run.view, call, self.epoch, self._now_ms())
         if records is None:
-            run.dirty = True
+            self._touch(saga_id)
         elif records:
             self._propose(run, records)
         else:
@@ -351,7 +373,7 @@ class Driver:
             run = self._runs.get(identity[0])
             if run is not None:
                 run.pending.discard(identity)
-                run.dirty = True
+                self._touch(identity[0])
 
     # ---- IO: participant calls -------------------------------------------------------
 
@@ -368,6 +390,7 @@ class Driver:
         now = time.monotonic()
         if now - self._last_seen > self._lease_s:
             self._confirmed = False
+            self._pauses += 1
         self._last_seen = now
         if not self._confirmed:
             self._confirm()
@@ -381,12 +404,15 @@ class Driver:
         """Commit an empty entry; its callback restores the permission to act. A
         lost callback is replaced after the proposal deadline."""
         now = time.monotonic()
-        if self._barrier_sent_at is not None and now - self._barrier_sent_at < PROPOSAL_DEADLINE_S:
-            return
-        self._barrier_sent_at = now
+        pauses = self._pauses
+        if self._barrier is not None:
+            sent_at, sent_after = self._barrier
+            if sent_after == pauses and now - sent_at < PROPOSAL_DEADLINE_S:
+                return
+        self._barrier = (now, pauses)
 
         def done(result: Any, reason: int) -> None:
-            self._events.put(("confirmed", reason))
+            self._events.put(("confirmed", reason, pauses))
 
         self._raft.apply_batch(codec.encode_batch([]), callback=done)
 
@@ -407,7 +433,7 @@ class Driver:
 
     def _call(self, run: _Run, call: core.Call) -> None:
         if self._calls_in_flight >= MAX_CALLS_IN_FLIGHT or not self._leading():
-            run.dirty = True  # try again next turn
+            self._touch(run.view.saga_id)  # try again next turn
             return
         self._maybe_crash("mid_compensation" if call.compensation else "before_request")
         view = run.view
@@ -415,11 +441,16 @@ class Driver:
         request = core.step_request(view, call, self.epoch)
         stub = participant_pb2_grpc.ParticipantStub(self._channel(vertex.endpoint))
         method = stub.Compensate if call.compensation else stub.Execute
+        request.sent_unix_ms = self._now_ms()  # lets a checker tell sent-late from delivered-late
+        if time.monotonic() - self._last_seen > self._lease_s:
+            # Paused between `_leading` and here: the stamp above may postdate a newer
+            # leader's first call. Ask again next turn (`_leading` sees the gap).
+            self._touch(run.view.saga_id)
+            return
         run.calls.add(call)
         self._calls_in_flight += 1
         self.stats["calls"] += 1
         saga_id = view.saga_id
-        request.sent_unix_ms = self._now_ms()  # lets a checker tell sent-late from delivered-late
         try:
             future = method.future(request, timeout=core.timeout_ms(vertex) / 1000)
         except Exception as exc:  # e.g. an endpoint gRPC cannot parse

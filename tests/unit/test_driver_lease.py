@@ -1,0 +1,69 @@
+"""The driver's permission to act after a pause (coordinator/driver.py `_leading`).
+
+A leader paused by SIGSTOP may have been replaced meanwhile. After a gap in its
+own clock readings it must not call participants until an empty entry commits;
+a confirmation that committed before the pause proves nothing after it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pysyncobj import FAIL_REASON
+
+from coordinator.driver import Driver
+
+
+class FakeRaft:
+    """Holds each proposal's callback so the test decides when and how it ends."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Any] = []
+
+    def apply_batch(self, batch: bytes, callback: Any) -> None:
+        self.callbacks.append(callback)
+
+    def majority_heard_within(self, seconds: float) -> bool:
+        return True  # answers queued during a pause look fresh: the lease is fooled
+
+
+def deliver(driver: Driver) -> None:
+    while not driver._events.empty():
+        driver._handle(driver._events.get_nowait())
+
+
+def pause(driver: Driver, seconds: float = 1.0) -> None:
+    driver._last_seen = time.monotonic() - seconds
+
+
+def test_a_confirmation_sent_before_a_pause_does_not_count_after_it() -> None:
+    raft = FakeRaft()
+    driver = Driver(raft, epoch=1, node_id="n1", lease_s=0.2)
+    assert driver._leading()
+
+    pause(driver)
+    assert not driver._leading()
+    assert len(raft.callbacks) == 1  # the first confirmation commit
+    pause(driver)  # paused again while it is in flight
+    assert not driver._leading()
+    assert len(raft.callbacks) == 2  # a new one: the first was sent before this pause
+
+    raft.callbacks[0](b"", FAIL_REASON.SUCCESS)  # committed before the second pause
+    deliver(driver)
+    assert not driver._leading()
+    assert len(raft.callbacks) == 2  # the second is still in flight: no third
+
+    raft.callbacks[1](b"", FAIL_REASON.SUCCESS)
+    deliver(driver)
+    assert driver._leading()
+
+
+def test_a_failed_confirmation_keeps_the_driver_from_acting() -> None:
+    raft = FakeRaft()
+    driver = Driver(raft, epoch=1, node_id="n1", lease_s=0.2)
+    pause(driver)
+    assert not driver._leading()
+    raft.callbacks[0](None, FAIL_REASON.LEADER_CHANGED)
+    deliver(driver)
+    assert not driver._leading()
+    assert len(raft.callbacks) == 2  # asks again
