@@ -49,6 +49,9 @@ SWEEP_SAGAS_PER_S = 20_000  # the sweep reads the in-flight index: spread its co
 # Sagas re-planned per loop turn: a new leader with 100,000 sagas to resume still
 # handles replies and applied records between slices.
 MAX_ADVANCE_PER_TURN = 1_000
+# Sagas read from the store per turn when a new leader picks up the in-flight ones:
+# loading 100,000 at once starved the Raft thread and cost the leadership.
+MAX_LOADS_PER_TURN = 500
 STEP_REQUEST_MAX_BYTES = (
     codec.MAX_PAYLOAD_BYTES + codec.MAX_VERTICES * codec.MAX_OUTPUT_BYTES + (1 << 20)
 )
@@ -96,7 +99,12 @@ class Driver:
         self._runs: dict[str, _Run] = {}
         # Sagas to re-plan, oldest first: only these are looked at in a turn.
         self._dirty: OrderedDict[str, None] = OrderedDict()
-        self._backlog = False  # more dirty sagas than one turn re-plans
+        self._backlog = False  # more work than one turn does: no idle wait
+        self._to_load: OrderedDict[str, None] = OrderedDict()  # in flight, not read yet
+        # Sagas with a call to make that had to wait (no call budget, or no permission
+        # to act): re-planned when budget frees up and the driver may act, not every
+        # turn (with 10,000 calls out to a hung participant that was a busy loop).
+        self._blocked: OrderedDict[str, None] = OrderedDict()
         self._timers: list[tuple[float, int, str, core.Call]] = []
         self._timer_seq = 0
         self._proposals: dict[int, tuple[float, list[tuple]]] = {}
@@ -183,8 +191,13 @@ class Driver:
         self._expire_proposals(now)
         if now >= self._next_sweep:
             self._sweep()
+        self._unblock()
+        for _ in range(min(len(self._to_load), MAX_LOADS_PER_TURN)):
+            saga_id, _ = self._to_load.popitem(last=False)
+            if saga_id not in self._runs:
+                self._load(saga_id)
         now_ms = self._now_ms()
-        self._backlog = len(self._dirty) > MAX_ADVANCE_PER_TURN  # next turn: no idle wait
+        self._backlog = bool(self._to_load) or len(self._dirty) > MAX_ADVANCE_PER_TURN
         for _ in range(min(len(self._dirty), MAX_ADVANCE_PER_TURN)):
             saga_id, _ = self._dirty.popitem(last=False)
             run = self._runs.get(saga_id)
@@ -240,6 +253,14 @@ class Driver:
         """Re-plan this saga in a coming turn."""
         self._dirty[saga_id] = None
 
+    def _unblock(self) -> None:
+        free = MAX_CALLS_IN_FLIGHT - self._calls_in_flight
+        if not self._blocked or free <= 0 or not self._leading():
+            return
+        for _ in range(min(len(self._blocked), free)):
+            saga_id, _ = self._blocked.popitem(last=False)
+            self._touch(saga_id)
+
     def _sweep(self) -> None:
         """The safety net: pick up in-flight sagas the events did not bring, and
         re-plan every saga that waits on nothing (no call, retry timer or proposal
@@ -249,7 +270,7 @@ class Driver:
         interval = max(SWEEP_INTERVAL_S, len(in_flight) / SWEEP_SAGAS_PER_S)
         self._next_sweep = time.monotonic() + interval
         for saga_id in in_flight - self._runs.keys():
-            self._load(saga_id)
+            self._to_load[saga_id] = None
         for saga_id, run in list(self._runs.items()):
             if saga_id not in in_flight and run.view.phase is Phase.ENDED:
                 del self._runs[saga_id]
@@ -433,7 +454,7 @@ class Driver:
 
     def _call(self, run: _Run, call: core.Call) -> None:
         if self._calls_in_flight >= MAX_CALLS_IN_FLIGHT or not self._leading():
-            self._touch(run.view.saga_id)  # try again next turn
+            self._blocked[run.view.saga_id] = None
             return
         self._maybe_crash("mid_compensation" if call.compensation else "before_request")
         view = run.view
@@ -444,8 +465,8 @@ class Driver:
         request.sent_unix_ms = self._now_ms()  # lets a checker tell sent-late from delivered-late
         if time.monotonic() - self._last_seen > self._lease_s:
             # Paused between `_leading` and here: the stamp above may postdate a newer
-            # leader's first call. Ask again next turn (`_leading` sees the gap).
-            self._touch(run.view.saga_id)
+            # leader's first call. Ask again later (`_leading` sees the gap).
+            self._blocked[run.view.saga_id] = None
             return
         run.calls.add(call)
         self._calls_in_flight += 1

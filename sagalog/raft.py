@@ -105,6 +105,7 @@ def fail_stop(message: str) -> None:
     os._exit(EXIT_STORAGE_FAILURE)
 
 
+APPLY_BUDGET_S = 0.05  # longest run of applying before the Raft loop reads its sockets
 KEEPALIVE_S = 0.25  # well below connection_timeout_ms
 _KEEPALIVE = {"type": "keepalive"}  # a type pysyncobj does not know; never passed to it
 
@@ -405,6 +406,28 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             log.exception("bug: apply raised")
             fail_stop(f"unexpected error applying Raft entry {index}")
         raise AssertionError("unreachable")
+
+    # ---- applying -------------------------------------------------------------------
+
+    def _SyncObj__applyLogEntries(self) -> bool:
+        """pysyncobj applies every committed entry in one go before it reads its
+        sockets again. A follower with a backlog (a new leader proposing records
+        for 10,000 resumed sagas) then answered nothing for most of a second, and
+        the leader, hearing from no majority within its fallback, stepped down again
+        and again. Apply for at most APPLY_BUDGET_S per tick; the rest next tick."""
+        apply_all = SyncObj._SyncObj__applyLogEntries
+        commit: int = self.raftCommitIndex
+        if commit - self.raftLastApplied <= 1:
+            return bool(apply_all(self))
+        deadline = time.monotonic() + APPLY_BUDGET_S
+        more = False
+        try:
+            while self.raftLastApplied < commit and time.monotonic() < deadline:
+                self._SyncObj__raftCommitIndex = self.raftLastApplied + 1
+                more = bool(apply_all(self)) or more
+        finally:
+            self._SyncObj__raftCommitIndex = commit
+        return more
 
     # ---- log matching --------------------------------------------------------------
 
