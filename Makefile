@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test test-quick demo bench bench-e2e soak chaos proto clean
+.PHONY: test test-quick demo bench bench-e2e bench-failover bench-resume soak chaos proto clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,14 @@ bench: $(BIN)/.installed
 bench-e2e: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/e2e.py
+
+## SIGKILL the leader with 1,000 sagas in flight, 20 times (~8 minutes).
+bench-failover: $(BIN)/.installed
+	$(BIN)/python bench/failover.py
+
+## A new leader resuming 10,000 and 100,000 in-flight sagas.
+bench-resume: $(BIN)/.installed
+	$(BIN)/python bench/resume.py
 
 proto: $(BIN)/.installed
 	scripts/gen_proto.sh
