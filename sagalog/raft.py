@@ -364,6 +364,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         self.data_dir = data_dir
         self._fault_file = fault_file
         self._auto_tick = auto_tick
+        self._on_state_changed = on_state_changed
         os.makedirs(data_dir, exist_ok=True)
         self._store_lock = threading.RLock()  # held by readers and by a store swap
         self._kv = RocksKV(self._path("db"))
@@ -378,7 +379,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             compaction_min_entries=compaction_min_entries,
             serializer=self._serialize,
             deserializer=self._deserialize,
-            onStateChanged=on_state_changed,
+            onStateChanged=self._state_changed,
             autoTick=auto_tick,
         )
         with _durable_journal(self._journal):
@@ -406,6 +407,26 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             log.exception("bug: apply raised")
             fail_stop(f"unexpected error applying Raft entry {index}")
         raise AssertionError("unreachable")
+
+    def _state_changed(self, old: int, new: int) -> None:
+        """Log every role change; a leader stepping down says how long ago each peer
+        last answered (its fallback fires when no majority answered in time)."""
+        names = {0: "follower", 1: "candidate", 2: "leader"}
+        detail = ""
+        if old == 2:
+            now = raft_clock()
+            last = getattr(self, "_SyncObj__lastResponseTime", {})
+            ages = ", ".join(f"{n.address} {now - t:.2f} s" for n, t in last.items())
+            detail = f"; last answers: {ages}"
+        log.info(
+            "raft %s -> %s in term %d%s",
+            names.get(old, old),
+            names.get(new, new),
+            self.raftCurrentTerm,
+            detail,
+        )
+        if self._on_state_changed is not None:
+            self._on_state_changed(old, new)
 
     # ---- applying -------------------------------------------------------------------
 
