@@ -39,6 +39,7 @@ the saga moved on.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -182,7 +183,9 @@ class SagaState:
     dependents: dict[str, list[str]] = field(default_factory=dict)
     vertices: dict[str, VertexState] = field(default_factory=dict)
     outcome: Outcome | None = None
-    # identity -> (content, seq) of every accepted record
+    # identity -> (fingerprint of the content, seq) of every accepted record. A
+    # fingerprint, not the content: a StartSaga's content holds the definition and
+    # up to 256 KiB of payload, and the Saga Log keeps thousands of states cached.
     seen: dict[tuple[Kind, str, int], tuple[bytes, int]] = field(default_factory=dict)
     # invariant: next_seq == number of accepted records
     next_seq: int = 0
@@ -196,12 +199,18 @@ class Decision:
     reason: str = ""
 
 
+def _fingerprint(content: bytes) -> bytes:
+    """Equal for equal contents; 128-bit BLAKE2b, so unequal contents never collide
+    in practice (the DUPLICATE-or-conflict verdict rests on it)."""
+    return hashlib.blake2b(content, digest_size=16).digest()
+
+
 def decide(state: SagaState, event: Event) -> Decision:
     """Whether `event` may follow `state`. Pure; never raises on bad input."""
     seen = state.seen.get(event.identity)
     if seen is not None:
-        content, seq = seen
-        if content == event.content:
+        fingerprint, seq = seen
+        if fingerprint == _fingerprint(event.content):
             return Decision(accepted=False, duplicate_of=seq)
         return Decision(
             accepted=False,
@@ -227,7 +236,7 @@ def decide(state: SagaState, event: Event) -> Decision:
 def apply(state: SagaState, event: Event) -> None:
     """Fold an accepted event into `state` (call only after `decide` accepted it)."""
     state.phase = SAGA_TABLE[(state.phase, event.kind)]
-    state.seen[event.identity] = (event.content, state.next_seq)
+    state.seen[event.identity] = (_fingerprint(event.content), state.next_seq)
     state.next_seq += 1
     if event.kind is Kind.START_SAGA:
         assert event.dag is not None
