@@ -372,6 +372,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         self._journal = DurableJournal(self._path("journal"))
         # The one follower truncation the AppendEntries being handled warrants.
         self._approved_deletion: int | None = None
+        self._commit_floor = 0  # see _SyncObj__applyLogEntries
         conf = raft_conf(
             timing,
             data_dir,
@@ -437,9 +438,12 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         the leader, hearing from no majority within its fallback, stepped down again
         and again. Apply for at most APPLY_BUDGET_S per tick; the rest next tick."""
         apply_all = SyncObj._SyncObj__applyLogEntries
-        commit: int = self.raftCommitIndex
+        commit: int = self._SyncObj__raftCommitIndex  # type: ignore[has-type]
         if commit - self.raftLastApplied <= 1:
             return bool(apply_all(self))
+        # The cap below is pysyncobj's commit index, lowered for a moment: readers on
+        # other threads see `raftCommitIndex`, which never reports less than this.
+        self._commit_floor = commit
         deadline = time.monotonic() + APPLY_BUDGET_S
         more = False
         try:
@@ -449,6 +453,12 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         finally:
             self._SyncObj__raftCommitIndex = commit
         return more
+
+    @property
+    def raftCommitIndex(self) -> int:
+        # Read the live value first: if it is the lowered cap, the floor is set.
+        live: int = self._SyncObj__raftCommitIndex  # type: ignore[has-type]
+        return max(live, self._commit_floor)
 
     # ---- log matching --------------------------------------------------------------
 
