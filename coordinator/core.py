@@ -163,7 +163,9 @@ def _plan_aborting(view: SagaView, epoch: int, now_ms: int) -> Plan:
 
 
 def on_reply(view: SagaView, call: Call, reply: Reply, epoch: int, now_ms: int) -> Response:
-    if call.vertex not in view.vertices:
+    if call.vertex not in view.vertices or view.phase is Phase.ENDED:
+        # After EndSaga nothing more is logged: a late answer (say, a refusal of a
+        # request whose compensation left a tombstone) changes nothing.
         return Response([])
     if call.compensation:
         return _on_compensation_reply(view, call, reply, epoch, now_ms)
