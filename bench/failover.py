@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from saga.v1 import cluster_pb2, log_pb2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.e2e import pct, progress  # noqa: E402
 from cluster.client import SagaClient  # noqa: E402
 from cluster.launcher import LocalCluster  # noqa: E402
 from cluster.travel import TravelParticipants, travel_definition  # noqa: E402
@@ -49,18 +49,6 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_P99_S = 2.0
 SUBMITTERS = 32
 CALL_TIMEOUT_MS = 60_000  # Payment stays paused for a while: no timeouts meanwhile
-
-
-def pct(values: list[float], q: int) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(sorted(values), n=100, method="inclusive")[q - 1]
-
-
-def progress(text: str) -> None:
-    print(f"\r{text:<100}", end="", flush=True)
 
 
 def read_records(cluster: LocalCluster, node: str, saga_id: str) -> list[log_pb2.Record]:

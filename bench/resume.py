@@ -37,7 +37,7 @@ from saga.v1 import cluster_pb2, log_pb2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.e2e import proc_stats  # noqa: E402
+from bench.e2e import proc_stats, progress  # noqa: E402
 from cluster.launcher import LocalCluster  # noqa: E402
 from cluster.travel import TravelParticipants, travel_definition  # noqa: E402
 from sagalog import codec  # noqa: E402
@@ -47,10 +47,6 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SEED_BATCH = 500
 SEED_CONCURRENCY = 4
 STARTS_PER_SAGA = 3  # Hotel, Car and Flight have no dependencies
-
-
-def progress(text: str) -> None:
-    print(f"\r{text:<100}", end="", flush=True)
 
 
 def seed(cluster: LocalCluster, leader_id: str, epoch: int, n: int, definition) -> None:

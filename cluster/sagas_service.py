@@ -22,6 +22,7 @@ import grpc
 from saga.v1 import log_pb2, sagas_pb2, sagas_pb2_grpc
 
 from cluster.grpcutil import channel_to
+from cluster.service import PROPOSE_ERROR_CODES
 from coordinator.definition import check_definition
 from coordinator.view import SagaView
 from sagalog import codec
@@ -43,6 +44,7 @@ WRITE_TIMEOUT_S = 5.0
 # Back-pressure: beyond this many sagas in flight on the leader, Submit answers
 # RESOURCE_EXHAUSTED instead of letting every saga's latency grow without bound.
 MAX_SAGAS_IN_FLIGHT = 20_000
+_PROPOSE_CODES_KEPT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 class NodeView(Protocol):
@@ -163,11 +165,11 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         try:
             return proposer.propose(codec.encode_batch(records), WRITE_TIMEOUT_S)
         except ProposeError as exc:
-            code = {
-                "OVERLOADED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "QUEUE_FULL": grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "TOO_LARGE": grpc.StatusCode.INVALID_ARGUMENT,
-            }.get(exc.code, grpc.StatusCode.UNAVAILABLE)
+            # The Cluster service's codes where they say "retry later" or "never
+            # retry this"; anything else is UNAVAILABLE here (the client retries it).
+            code = PROPOSE_ERROR_CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE)
+            if code not in _PROPOSE_CODES_KEPT:
+                code = grpc.StatusCode.UNAVAILABLE
             context.abort(code, str(exc))
             raise
 

@@ -66,6 +66,11 @@ class _Run:
     pending: set[tuple] = field(default_factory=set)  # record identities proposed, not applied
 
 
+def _take(queue: OrderedDict[str, None], limit: int) -> list[str]:
+    """Remove and return up to `limit` saga ids from the front of `queue`."""
+    return [queue.popitem(last=False)[0] for _ in range(min(len(queue), limit))]
+
+
 def _identity(record: log_pb2.Record) -> tuple:
     event = codec.to_event(record).event
     assert event is not None
@@ -192,14 +197,12 @@ class Driver:
         if now >= self._next_sweep:
             self._sweep()
         self._unblock()
-        for _ in range(min(len(self._to_load), MAX_LOADS_PER_TURN)):
-            saga_id, _ = self._to_load.popitem(last=False)
+        for saga_id in _take(self._to_load, MAX_LOADS_PER_TURN):
             if saga_id not in self._runs:
                 self._load(saga_id)
         now_ms = self._now_ms()
         self._backlog = bool(self._to_load) or len(self._dirty) > MAX_ADVANCE_PER_TURN
-        for _ in range(min(len(self._dirty), MAX_ADVANCE_PER_TURN)):
-            saga_id, _ = self._dirty.popitem(last=False)
+        for saga_id in _take(self._dirty, MAX_ADVANCE_PER_TURN):
             run = self._runs.get(saga_id)
             if run is not None:
                 self._advance(saga_id, run, now_ms)
@@ -257,8 +260,7 @@ class Driver:
         free = MAX_CALLS_IN_FLIGHT - self._calls_in_flight
         if not self._blocked or free <= 0 or not self._leading():
             return
-        for _ in range(min(len(self._blocked), free)):
-            saga_id, _ = self._blocked.popitem(last=False)
+        for saga_id in _take(self._blocked, free):
             self._touch(saga_id)
 
     def _sweep(self) -> None:
