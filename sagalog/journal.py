@@ -270,6 +270,11 @@ class DurableJournal(Journal):
         self.sync()
 
     @property
+    def size_bytes(self) -> int:
+        """Length of the journal file, which is also about what its entries take in memory."""
+        return self._end
+
+    @property
     def synced_length(self) -> int:
         """Length in bytes of the journal file as of the last fsync."""
         return self._synced

@@ -10,10 +10,14 @@ What this module adds to pysyncobj, and why:
   before this node sends *any* Raft message (`_SyncingTransport`): a follower's
   acknowledgement, a leader's AppendEntries and a vote all leave only after the
   entries behind them are on disk. Term and vote are fsynced when they change.
-* **Snapshots without fork or pickled handles**: the serializer hooks write a tar
-  of a RocksDB checkpoint; the deserializer restores it only when the live store
-  is behind the snapshot, and aligns the journal so a crash between writing the
+* **Snapshots without fork or pickled handles, off the Raft thread**: a RocksDB
+  checkpoint taken on the Raft thread is tarred on a thread of its own
+  (`sagalog.snapshot`); the deserializer restores it only when the live store is
+  behind the snapshot, and aligns the journal so a crash between writing the
   dump and compacting the journal loses nothing.
+* **A journal bounded in bytes**: the journal holds its entries in memory, and
+  pysyncobj compacts only by entry count. A snapshot is also due once the journal
+  passes JOURNAL_COMPACT_BYTES.
 * **Raft's log-matching rule on followers** (`align_append_entries`). pysyncobj
   truncates everything after `prevLogIdx` on every AppendEntries, conflict or
   not. A stale or shorter AppendEntries (the leader pipelines, and resends from
@@ -56,6 +60,7 @@ from sagalog.journal import DurableJournal, Entry
 from sagalog.kv import StoreError
 from sagalog.log import SagaLog
 from sagalog.rocks import RocksKV
+from sagalog.snapshot import BackgroundSerializer, Writer
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,9 @@ def fail_stop(message: str) -> None:
     os._exit(EXIT_STORAGE_FAILURE)
 
 
+# A snapshot is due once the journal (held in memory too) is this large, whatever
+# its entry count: bulk loads write entries of up to 8 MiB.
+JOURNAL_COMPACT_BYTES = 64 * 1024 * 1024
 APPLY_BUDGET_S = 0.05  # longest run of applying before the Raft loop reads its sockets
 KEEPALIVE_S = 0.25  # well below connection_timeout_ms
 _KEEPALIVE = {"type": "keepalive"}  # a type pysyncobj does not know; never passed to it
@@ -324,20 +332,24 @@ def raft_conf(
     )
 
 
-_journal_patch_lock = threading.Lock()
+_parts_patch_lock = threading.Lock()
 
 
 @contextmanager
-def _durable_journal(journal: DurableJournal) -> Iterator[None]:
-    """pysyncobj builds its journal through a module-level factory with no hook;
-    substitute ours for the duration of one constructor call."""
-    with _journal_patch_lock:
-        original = pso_syncobj.createJournal
+def _durable_journal(
+    journal: DurableJournal, serializer_class: type | None = None
+) -> Iterator[None]:
+    """pysyncobj builds its journal (and its snapshot serializer) by module-level
+    names, with no hook; substitute ours for the duration of one constructor call."""
+    with _parts_patch_lock:
+        journal_factory, default_serializer = pso_syncobj.createJournal, pso_syncobj.Serializer
         pso_syncobj.createJournal = lambda _path: journal
+        pso_syncobj.Serializer = serializer_class or default_serializer
         try:
             yield
         finally:
-            pso_syncobj.createJournal = original
+            pso_syncobj.createJournal = journal_factory
+            pso_syncobj.Serializer = default_serializer
 
 
 class SagaLogRaft(SyncObj):  # type: ignore[misc]
@@ -367,6 +379,10 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         self._on_state_changed = on_state_changed
         os.makedirs(data_dir, exist_ok=True)
         self._store_lock = threading.RLock()  # held by readers and by a store swap
+        for leftover in ("snapshot.building", "checkpoint.building"):  # a crash mid-snapshot
+            shutil.rmtree(self._path(leftover), ignore_errors=True)
+            if os.path.isfile(self._path(leftover)):
+                os.remove(self._path(leftover))
         self._kv = RocksKV(self._path("db"))
         self.saga_log = SagaLog(self._kv)
         self._journal = DurableJournal(self._path("journal"))
@@ -378,13 +394,14 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             data_dir,
             password=password,
             compaction_min_entries=compaction_min_entries,
-            serializer=self._serialize,
+            serializer=self._start_snapshot,
             deserializer=self._deserialize,
             onStateChanged=self._state_changed,
             autoTick=auto_tick,
         )
-        with _durable_journal(self._journal):
+        with _durable_journal(self._journal, BackgroundSerializer):
             super().__init__(self_addr, peer_addrs, conf, transportClass=_SyncingTransport)
+        self._snapshots: BackgroundSerializer = self._SyncObj__serializer
         if self.raftCurrentTerm > 0:
             # A restarted node that times out before the current leader reaches it
             # would start an election at a higher term and depose a healthy leader
@@ -559,24 +576,37 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
 
     # ---- snapshots -----------------------------------------------------------------
 
-    def _serialize(self, filename: str, raft_data: Any) -> None:
-        """Runs on the Raft thread: the store is quiescent (nothing else applies)."""
-        checkpoint = self._path("checkpoint.tmp")
+    def _SyncObj__tryLogCompaction(self) -> None:
+        if self._journal.size_bytes > JOURNAL_COMPACT_BYTES:
+            self._SyncObj__forceLogCompaction = True
+        SyncObj._SyncObj__tryLogCompaction(self)
+
+    def _start_snapshot(self, raft_data: Any) -> Writer:
+        """On the Raft thread, where nothing else applies: a checkpoint of the store
+        as of the snapshot's last entry. The returned writer tars it elsewhere."""
+        checkpoint = self._path("checkpoint.building")
         shutil.rmtree(checkpoint, ignore_errors=True)
         self._kv.checkpoint(checkpoint)
-        try:
-            with tarfile.open(filename, "w") as tar:
-                meta = pickle.dumps(raft_data)
-                info = tarfile.TarInfo("raft.pickle")
-                info.size = len(meta)
-                tar.addfile(info, io.BytesIO(meta))
-                tar.add(checkpoint, arcname="db")
-            fsync_file(filename)
-        finally:
-            shutil.rmtree(checkpoint, ignore_errors=True)
+        meta = pickle.dumps(raft_data)
+
+        def write(filename: str) -> None:
+            try:
+                with tarfile.TarFile(filename, "w", copybufsize=1 << 20) as tar:
+                    info = tarfile.TarInfo("raft.pickle")
+                    info.size = len(meta)
+                    tar.addfile(info, io.BytesIO(meta))
+                    tar.add(checkpoint, arcname="db")
+                fsync_file(filename)
+            finally:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+
+        return write
 
     def _deserialize(self, filename: str) -> Any:
         """Called at start-up (own snapshot) and when the leader sends one."""
+        snapshots = getattr(self, "_SyncObj__serializer", None)
+        if isinstance(snapshots, BackgroundSerializer):
+            snapshots.cancel()  # ours, if one is being written, is older than this one
         try:
             # pysyncobj writes a received snapshot without fsync and then clears the
             # journal durably: make the snapshot durable first.
@@ -616,6 +646,8 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         log.info("installed snapshot at index %d", self.saga_log.applied_index())
 
     def close(self) -> None:
+        if not self._snapshots.wait(timeout=30):
+            log.warning("closing with a snapshot still being written (it will be dropped)")
         if self._auto_tick:
             self.destroy_synchronous()
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from types import SimpleNamespace
 
 from cluster.launcher import free_ports
@@ -150,5 +151,34 @@ def test_pysyncobj_keeps_acknowledged_entries_when_a_stale_append_arrives(tmp_pa
         # A real conflict still truncates: a newer leader replaced entries 4-5.
         conflict = append(3, 5, [(4, 6)]) | {"term": 6}
         assert receive(conflict) == [(1, 0), (2, 5), (3, 5), (4, 6)]
+    finally:
+        raft.close()
+
+
+def test_a_journal_past_its_byte_bound_is_snapshotted_and_compacted(tmp_path, monkeypatch) -> None:
+    """pysyncobj compacts by entry count only (50,000 here): a few large entries must
+    trigger a snapshot too, or the journal grows in memory without bound."""
+    import sagalog.raft as raft_module
+
+    monkeypatch.setattr(raft_module, "JOURNAL_COMPACT_BYTES", 64 * 1024)
+    (own,) = free_ports(1)
+    raft = SagaLogRaft(f"127.0.0.1:{own}", [], str(tmp_path / "n1"), RaftTiming(), auto_tick=False)
+    try:
+        deadline = time.monotonic() + 20
+        while not raft._isLeader() and time.monotonic() < deadline:
+            raft.doTick(0.01)
+        applied: list[bytes] = []
+        for _ in range(40):  # 40 x 8 KiB: five times the bound
+            raft.apply_batch(b"\x00" * 8192, callback=lambda result, _err: applied.append(result))
+        snapshot = tmp_path / "n1" / "snapshot"
+        while time.monotonic() < deadline and (
+            len(applied) < 40 or raft._journal.size_bytes >= 64 * 1024
+        ):
+            raft.doTick(0.01)
+        assert len(applied) == 40
+        assert snapshot.exists()
+        assert raft._journal.size_bytes < 64 * 1024
+        assert len(raft._journal) < 40
+        assert raft.saga_log.applied_index() == raft.raftLastApplied
     finally:
         raft.close()
