@@ -7,7 +7,7 @@ On a fresh three-node cluster of real processes, with the travel participants:
 1. baseline: 100 travel sagas one after another (concurrency 1), end-to-end latency
    on the empty log;
 2. seed: the nodes run with `--no-coordinator` (the log alone) and N ended sagas
-   are written in bulk through the replicated method (`Cluster.Propose`, 1,000
+   are written in bulk through the replicated method (`Cluster.Propose`, 250
    sagas per entry). Each has one vertex (Hotel) and four records: StartSaga,
    StartT, EndT, EndSaga. The journal is snapshotted and compacted as it grows;
 3. the replicas' digests are compared (same applied index, same content);
@@ -27,9 +27,11 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 from saga.v1 import cluster_pb2, log_pb2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,7 +44,7 @@ from sagalog import codec  # noqa: E402
 from sagalog import records as rec  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-SEED_SAGAS_PER_ENTRY = 1000
+SEED_SAGAS_PER_ENTRY = 250
 SEED_CONCURRENCY = 3
 C1_SAGAS = 100
 
@@ -63,11 +65,16 @@ def one_vertex_definition(endpoint: str) -> log_pb2.SagaDefinition:
     )
 
 
-def seed(cluster: LocalCluster, leader_id: str, epoch: int, n: int, endpoint: str) -> None:
-    stub = cluster.stub(leader_id)
+def seed(cluster: LocalCluster, n: int, endpoint: str) -> int:
+    """Write n ended sagas; returns how many batches had to be re-sent (a leader
+    change fences the old epoch's records: the batch goes again, with the new
+    leader's epoch, and what was already accepted comes back DUPLICATE)."""
     definition = one_vertex_definition(endpoint)
+    office = [cluster.wait_for_leader(30)]
+    lock = threading.Lock()
+    resent = [0]
 
-    def one(start: int) -> None:
+    def batch_of(start: int, epoch: int) -> list[log_pb2.Record]:
         now = int(time.time() * 1000)
         batch: list[log_pb2.Record] = []
         for i in range(start, min(n, start + SEED_SAGAS_PER_ENTRY)):
@@ -83,11 +90,29 @@ def seed(cluster: LocalCluster, leader_id: str, epoch: int, n: int, endpoint: st
                     end_saga=log_pb2.EndSaga(outcome=log_pb2.OUTCOME_COMPLETED),
                 ),
             ]
-        request = cluster_pb2.ProposeRequest(batch=codec.encode_batch(batch), timeout_ms=60_000)
-        reply = stub.Propose(request, timeout=120)
-        bad = [r for r in reply.result.results if r.verdict != log_pb2.ACCEPTED]
-        if reply.result.error or bad:
-            raise RuntimeError(f"seeding failed: {reply.result.error or bad[0].reason}")
+        return batch
+
+    def one(start: int) -> None:
+        deadline = time.monotonic() + 120
+        while True:
+            leader = office[0]
+            request = cluster_pb2.ProposeRequest(
+                batch=codec.encode_batch(batch_of(start, leader.epoch)), timeout_ms=30_000
+            )
+            try:
+                result = cluster.stub(leader.id).Propose(request, timeout=60).result
+                bad = [r for r in result.results if r.verdict == log_pb2.REJECTED]
+                if not result.error and not bad:
+                    return
+                problem = result.error or bad[0].reason
+            except grpc.RpcError as exc:
+                problem = f"{exc.code()}: {exc.details()}"
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"seeding failed: {problem}")
+            with lock:
+                resent[0] += 1
+                if office[0] is leader:
+                    office[0] = cluster.wait_for_leader(30)
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(SEED_CONCURRENCY) as pool:
@@ -95,8 +120,10 @@ def seed(cluster: LocalCluster, leader_id: str, epoch: int, n: int, endpoint: st
         for done, _ in enumerate(pool.map(one, starts), start=1):
             seeded = min(n, done * SEED_SAGAS_PER_ENTRY)
             rate = seeded / max(1e-9, time.monotonic() - t0)
-            progress(f"  seeded {seeded:,}/{n:,} ended sagas ({rate:,.0f}/s)")
+            if done % 10 == 0 or seeded == n:
+                progress(f"  seeded {seeded:,}/{n:,} ended sagas ({rate:,.0f}/s)")
     print()
+    return resent[0]
 
 
 def c1(cluster: LocalCluster, definition: log_pb2.SagaDefinition, tag: str) -> dict:
@@ -147,9 +174,8 @@ def run(n: int, base: str) -> dict:
         cluster.stop_all()
         cluster.extra_args = ("--no-coordinator",)
         cluster.start_all()
-        leader = cluster.wait_for_leader(30)
         t = time.monotonic()
-        seed(cluster, leader.id, leader.epoch, n, parts.endpoints["Hotel"])
+        resent = seed(cluster, n, parts.endpoints["Hotel"])
         seed_s = time.monotonic() - t
         seeding_rss = {
             nid: round(proc_stats(spec.pid)[1] / 2**20, 1) for nid, spec in cluster.specs.items()
@@ -179,6 +205,7 @@ def run(n: int, base: str) -> dict:
             "ended_sagas": n,
             "records_seeded": max(d.records for d in digests.values()),
             "seed_s": seed_s,
+            "seed_batches_resent": resent,
             "replicas_identical": identical,
             "peak_rss_mb_while_seeding": seeding_rss,
             "startup_to_office_s": startup_s,

@@ -58,6 +58,10 @@ class NodeConfig:
     """gRPC server threads (each blocking call or Watch stream holds one)."""
     compaction_min_entries: int = 50_000
     """Journal entries before a snapshot is taken and the journal compacted."""
+    ended_retention_s: float = 7 * 24 * 3600
+    """How long an ended saga keeps its records; then they are replaced by a
+    tombstone (Get still answers, Submit stays idempotent). 0 keeps them forever.
+    See cluster.retention."""
     coordinator: bool = True
     """Run the Saga Execution Coordinator while this node leads. Off only to
     measure the log alone (bench/log_append.py): sagas are then logged, not run."""
@@ -95,6 +99,8 @@ class NodeConfig:
         for name in ("propose_timeout_ms", "max_in_flight_proposals", "grpc_workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.ended_retention_s < 0:
+            raise ValueError("ended_retention_s must be >= 0 (0 keeps ended sagas forever)")
         if self.compaction_min_entries < 100:
             raise ValueError("compaction_min_entries must be >= 100")
         self.timing.validate()
@@ -128,6 +134,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--raft-password-file", metavar="FILE", help="file holding the Raft secret")
     p.add_argument("--fault-file", metavar="FILE", help="testing aid: Raft link faults (JSON)")
     p.add_argument(
+        "--ended-retention-s",
+        type=float,
+        metavar="SECONDS",
+        help="keep an ended saga's records this long, then purge them to a tombstone "
+        "(default 7 days; 0: forever)",
+    )
+    p.add_argument(
         "--no-coordinator",
         action="store_true",
         help="log only: do not run sagas (for benchmarking the log)",
@@ -157,6 +170,8 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
         values["peers"] = tuple(Peer.parse(p) for p in args.peer)
     if args.fault_file:
         values["fault_file"] = args.fault_file
+    if args.ended_retention_s is not None:
+        values["ended_retention_s"] = args.ended_retention_s
     if args.no_coordinator:
         values["coordinator"] = False
     if args.raft_password_file:

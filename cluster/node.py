@@ -23,6 +23,7 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 from cluster import identity as ident
 from cluster.config import NodeConfig, from_args
 from cluster.grpcutil import channel_to
+from cluster.retention import Retention
 from cluster.sagas_service import SagasService
 from cluster.service import ClusterService, raft_role
 from coordinator.driver import Driver
@@ -118,6 +119,7 @@ class Node:
         self.epoch_term = -1  # the Raft term in which this node last committed an Epoch
         self.epoch_number = 0  # the epoch it committed then
         self.driver: Driver | None = None
+        self.retention: Retention | None = None
         self._peer_by_raft_addr = {p.raft_addr: p for p in config.peers}
 
     def start_raft(self) -> None:
@@ -133,6 +135,10 @@ class Node:
         self.proposer = Proposer(self.raft, self.config.max_in_flight_proposals)
         self.service.attach(self.raft, self.proposer, self.in_office)
         self._duties.start()
+        self.retention = Retention(
+            self.config.ended_retention_s, self.in_office, self._oldest_ended_ms, self._propose_one
+        )
+        self.retention.start()
         log.info(
             "node %s: raft %s, grpc %s, data %s",
             self.config.id,
@@ -174,6 +180,8 @@ class Node:
         self._stopping.set()
         self.server.stop(grace=1.0).wait(2.0)
         if self.raft is not None:
+            if self.retention is not None:
+                self.retention.stop()
             self._duties.join(timeout=5)
             self._stop_driver()
             self.raft.close()
@@ -240,6 +248,11 @@ class Node:
         assert self.proposer is not None
         result = self.proposer.propose(codec.encode_batch([record]), timeout_s=2.0)
         return result.results[0]
+
+    def _oldest_ended_ms(self) -> int | None:
+        assert self.raft is not None
+        with self.raft.reading() as saga_log:
+            return saga_log.oldest_ended_ms()
 
     def _register(self) -> None:
         result = self._propose_one(rec.member(self.me.node_id, self.me.incarnation))

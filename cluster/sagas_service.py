@@ -112,6 +112,25 @@ def saga_info(view: SagaView) -> sagas_pb2.SagaInfo:
     return info
 
 
+_ENDED_STATES = {
+    log_pb2.OUTCOME_COMPLETED: sagas_pb2.COMPLETED,
+    log_pb2.OUTCOME_ABORTED: sagas_pb2.ABORTED,
+}
+
+
+def purged_info(saga_id: str, stone: log_pb2.Tombstone) -> sagas_pb2.SagaInfo:
+    """A saga whose records the retention policy removed: what its tombstone kept."""
+    return sagas_pb2.SagaInfo(
+        saga_id=saga_id,
+        state=_ENDED_STATES.get(stone.outcome, sagas_pb2.SAGA_STATE_UNSPECIFIED),  # type: ignore[arg-type]
+        name=stone.name,
+        abort_reason=stone.abort_reason,
+        started_unix_ms=stone.started_unix_ms,
+        ended_unix_ms=stone.ended_unix_ms,
+        purged=True,
+    )
+
+
 class SagasService(sagas_pb2_grpc.SagasServicer):
     def __init__(self, node: NodeView) -> None:
         self._node = node
@@ -187,6 +206,14 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         with self._node.raft.reading() as saga_log:
             records = saga_log.records(saga_id)
+            stone = None if records else saga_log.tombstone(saga_id)
+        if stone is not None:
+            state = sagas_pb2.SagaState.Name(purged_info(saga_id, stone).state)
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"saga {saga_id!r} has ended ({state}) and its records were purged "
+                "by the retention policy",
+            )
         if not records:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no saga with id {saga_id!r}")
         return SagaView.from_records(saga_id, records)
@@ -297,6 +324,13 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         if forwarded is not None:
             return forwarded
         self._barrier(context)
+        error = codec.check_saga_id(request.saga_id)
+        if error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        with self._node.raft.reading() as saga_log:
+            stone = saga_log.tombstone(request.saga_id)
+        if stone is not None:
+            return purged_info(request.saga_id, stone)
         return saga_info(self._view(request.saga_id, context))
 
     def List(self, request: Any, context: Any) -> sagas_pb2.ListReply:
@@ -318,14 +352,16 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             # a snapshot install or the coordinator's reads.
             with self._node.raft.reading() as saga_log:
                 records = saga_log.records(saga_id)
-            view = SagaView.from_records(saga_id, records)
-            state = saga_state(view)
+                stone = None if records else saga_log.tombstone(saga_id)
+            if stone is not None:
+                info = purged_info(saga_id, stone)
+                state, name = info.state, info.name
+            else:
+                view = SagaView.from_records(saga_id, records)
+                state = saga_state(view)
+                name = view.definition.name if view.definition else ""
             if not request.state or request.state == state:
-                reply.sagas.add(
-                    saga_id=saga_id,
-                    state=state,  # type: ignore[arg-type]
-                    name=view.definition.name if view.definition else "",
-                )
+                reply.sagas.add(saga_id=saga_id, state=state, name=name)  # type: ignore[arg-type]
             if len(reply.sagas) >= page_size:
                 break
         if len(reply.sagas) >= page_size or examined >= LIST_SCAN_LIMIT:

@@ -129,10 +129,13 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     def Digest(self, request: Any, context: Any) -> cluster_pb2.DigestReply:
         raft, _ = self._started(context)
         with raft.reading() as log:
-            sha, records, sagas = log.digest()
-            applied = log.applied_index()
+            d = log.digest()
         return cluster_pb2.DigestReply(
-            id=self._config.id, applied_index=applied, sha256=sha, records=records, sagas=sagas
+            id=self._config.id,
+            applied_index=d.applied_index,
+            sha256=d.sha256,
+            records=d.records,
+            sagas=d.sagas,
         )
 
     def ReadSaga(self, request: Any, context: Any) -> cluster_pb2.ReadSagaReply:

@@ -41,9 +41,9 @@ _KIND_OF_BODY = {
     "stuck": Kind.STUCK,
     "end_saga": Kind.END_SAGA,
 }
-CLUSTER_BODIES = frozenset({"epoch_start", "member", "forget_member"})
+CLUSTER_BODIES = frozenset({"epoch_start", "member", "forget_member", "purge_ended"})
 
-_OUTCOMES = {log_pb2.OUTCOME_COMPLETED: Outcome.COMPLETED, log_pb2.OUTCOME_ABORTED: Outcome.ABORTED}
+OUTCOMES = {log_pb2.OUTCOME_COMPLETED: Outcome.COMPLETED, log_pb2.OUTCOME_ABORTED: Outcome.ABORTED}
 
 
 def decode_batch(data: bytes) -> tuple[list[log_pb2.Record], str]:
@@ -120,7 +120,7 @@ def to_event(record: log_pb2.Record) -> Decoded:
             return Decoded(None, f"AbortSaga: the reason exceeds {MAX_TEXT_LEN} characters")
         return Decoded(Event(kind, content=content))
     if kind is Kind.END_SAGA:
-        outcome = _OUTCOMES.get(msg.outcome)
+        outcome = OUTCOMES.get(msg.outcome)
         return Decoded(Event(kind, outcome=outcome, content=content))
     if not msg.vertex:
         return Decoded(None, f"{kind.value}: the vertex name is empty")

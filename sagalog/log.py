@@ -15,7 +15,14 @@ order is numeric order and the records of one saga are contiguous and in order):
     S<saga no>               -> saga id (reverse map, for listing)
     R<saga no><seq:4>        -> encoded Record, seq = 0, 1, 2, ... within the saga
     F<saga no>               in-flight index: present from StartSaga until EndSaga
+    E<end ms><saga no>       ended index, oldest EndSaga first (for retention)
+    T<saga no>               -> Tombstone of a purged saga (its R records are gone)
     N<node id>               -> incarnation of a registered node
+
+Retention: a PurgeEnded record replaces the oldest ended sagas' records by a
+Tombstone (outcome, name, times, the StartSaga's fingerprint). The saga id keeps
+its number, so a purged saga is still known: Get answers from the tombstone, and
+the same Submit again is still a DUPLICATE rather than a second run.
 """
 
 from __future__ import annotations
@@ -30,7 +37,14 @@ from saga.v1 import log_pb2
 
 from sagalog import codec
 from sagalog.kv import KV
-from sagalog.transitions import Phase, SagaState, apply, decide
+from sagalog.transitions import (
+    Phase,
+    SagaState,
+    apply,
+    decide,
+    purged_state,
+    start_fingerprint,
+)
 
 META = b"M"
 IDS = b"I"
@@ -38,12 +52,16 @@ NAMES = b"S"
 RECORDS = b"R"
 IN_FLIGHT = b"F"
 NODES = b"N"
+ENDED = b"E"
+TOMBSTONES = b"T"
 
 APPLIED_KEY = META + b"applied"
 EPOCH_KEY = META + b"epoch"
 NEXT_SAGA_KEY = META + b"next_saga"
 
 MAX_INCARNATION_BYTES = 64
+# Sagas one PurgeEnded record may purge: bounds the work of one apply.
+MAX_PURGE_PER_RECORD = 1000
 # Saga states kept decoded in memory, so that validating a record does not
 # re-read its saga from the store. Evicted states are re-folded from the store.
 STATE_CACHE_SIZE = 20_000
@@ -113,12 +131,15 @@ class SagaLog:
         epoch = self.epoch()
         next_saga = self._next_saga_number()
         members: dict[str, bytes | None] = {}  # registry changes within this batch
+        purged: set[bytes] = set()  # saga numbers purged within this batch
         for record in records:
             body = codec.body_name(record)
             if body == "epoch_start":
                 res, epoch = self._epoch(record, epoch, ops)
             elif body in ("member", "forget_member"):
                 res = self._member(record, members, ops)
+            elif body == "purge_ended":
+                res = self._purge(record, purged, ops)
             else:
                 res, next_saga = self._saga_record(record, epoch.number, next_saga, ops)
             result.results.append(res)
@@ -214,7 +235,63 @@ class SagaLog:
         ops.append((RECORDS + number + _U32.pack(seq), codec.encode_record(record)))
         if saga.state.phase is Phase.ENDED:
             ops.append((IN_FLIGHT + number, None))
+            ops.append((ENDED + _u64(max(0, record.time_unix_ms)) + number, b""))
         return log_pb2.RecordResult(verdict=ACCEPTED, seq=seq), next_saga
+
+    def _purge(
+        self, record: log_pb2.Record, purged: set[bytes], ops: list[tuple[bytes, bytes | None]]
+    ) -> log_pb2.RecordResult:
+        """Replace the records of the oldest ended sagas by tombstones (see PurgeEnded).
+
+        Reads the store as of the batch's start, like every replica does: a saga
+        that ended in this same batch is not in the ended index yet."""
+        purge = record.purge_ended
+        if record.saga_id:
+            return _reject("PurgeEnded is a cluster record: the saga id must be empty")
+        if not 0 < purge.max_sagas <= MAX_PURGE_PER_RECORD:
+            return _reject(f"PurgeEnded: max_sagas must be 1..{MAX_PURGE_PER_RECORD}")
+        count = 0
+        for key, _ in self.kv.scan(ENDED):
+            if count >= purge.max_sagas or _U64.unpack_from(key, 1)[0] >= max(
+                0, purge.ended_before_unix_ms
+            ):
+                break
+            number = key[9:17]
+            ops.append((key, None))
+            if number in purged:
+                continue
+            purged.add(number)
+            name = self.kv.get(NAMES + number)
+            assert name is not None, "an ended saga has no id"
+            saga_id = name.decode()
+            stone = self._tombstone_of(number, record.time_unix_ms)
+            for record_key, _ in self.kv.scan(RECORDS + number):
+                ops.append((record_key, None))
+            ops.append((TOMBSTONES + number, stone.SerializeToString(deterministic=True)))
+            self._cache.pop(saga_id, None)  # re-folded from the tombstone when needed
+            count += 1
+        return log_pb2.RecordResult(verdict=ACCEPTED, purged=count)
+
+    def _tombstone_of(self, number: bytes, purged_ms: int) -> log_pb2.Tombstone:
+        stone = log_pb2.Tombstone(purged_unix_ms=purged_ms)
+        state = SagaState()
+        for _, value in self.kv.scan(RECORDS + number):
+            record = codec.decode_record(value)
+            event = codec.to_event(record).event
+            assert event is not None, "a stored record failed to decode"
+            apply(state, event)
+            body = codec.body_name(record)
+            if body == "start_saga":
+                stone.name = record.start_saga.definition.name
+                stone.started_unix_ms = record.time_unix_ms
+            elif body == "abort_saga":
+                stone.abort_reason = record.abort_saga.reason
+            elif body == "end_saga":
+                stone.outcome = record.end_saga.outcome
+                stone.ended_unix_ms = record.time_unix_ms
+        stone.records = state.next_seq
+        stone.start_fingerprint = start_fingerprint(state)
+        return stone
 
     def _load(self, saga_id: str) -> _Saga:
         saga = self._cache.get(saga_id)
@@ -228,6 +305,11 @@ class SagaLog:
                 event = codec.to_event(codec.decode_record(value)).event
                 assert event is not None, "a stored record failed to decode"
                 apply(state, event)
+            if state.next_seq == 0:
+                stone = self._tombstone(number)
+                if stone is not None:
+                    outcome = codec.OUTCOMES[stone.outcome]
+                    state = purged_state(stone.start_fingerprint, outcome, stone.records)
         saga = _Saga(number if number is not None else -1, state)
         self._cache[saga_id] = saga
         if len(self._cache) > STATE_CACHE_SIZE:
@@ -254,6 +336,25 @@ class SagaLog:
     def saga_number(self, saga_id: str) -> int | None:
         raw = self.kv.get(IDS + saga_id.encode())
         return _U64.unpack(raw)[0] if raw else None
+
+    def _tombstone(self, number: int) -> log_pb2.Tombstone | None:
+        raw = self.kv.get(TOMBSTONES + _u64(number))
+        if raw is None:
+            return None
+        stone = log_pb2.Tombstone()
+        stone.ParseFromString(raw)
+        return stone
+
+    def tombstone(self, saga_id: str) -> log_pb2.Tombstone | None:
+        """What is kept of a saga the retention policy purged (None: not purged)."""
+        number = self.saga_number(saga_id)
+        return None if number is None else self._tombstone(number)
+
+    def oldest_ended_ms(self) -> int | None:
+        """The EndSaga time of the oldest ended saga not purged yet (None: none)."""
+        for key, _ in self.kv.scan(ENDED):
+            return int(_U64.unpack_from(key, 1)[0])
+        return None
 
     def records(self, saga_id: str) -> list[log_pb2.Record]:
         """Every accepted record of the saga, in log order ([] for an unknown id)."""
@@ -291,21 +392,32 @@ class SagaLog:
     def members(self) -> dict[str, bytes]:
         return {k[1:].decode(): v for k, v in self.kv.scan(NODES)}
 
-    def digest(self) -> tuple[str, int, int]:
-        """(sha256 hex, record count, saga count) over everything but the applied index.
+    def digest(self) -> Digest:
+        """A hash of everything but the applied index, with the applied index it covers.
 
-        Two replicas that applied the same entries have equal digests."""
+        Two replicas that applied the same entries have equal digests. One scan,
+        which reads one point in time (a RocksDB iterator is a snapshot), so the
+        applied index is the one the hash covers even while entries are applied."""
         h = hashlib.sha256()
-        records = sagas = 0
+        records = sagas = applied = 0
         for key, value in self.kv.scan(b""):
             if key == APPLIED_KEY:
+                applied = _U64.unpack(value)[0]
                 continue
             h.update(_U32.pack(len(key)) + key + _U32.pack(len(value)) + value)
             if key[:1] == RECORDS:
                 records += 1
             elif key[:1] == IDS:
                 sagas += 1
-        return h.hexdigest(), records, sagas
+        return Digest(h.hexdigest(), records, sagas, applied)
+
+
+@dataclass(frozen=True)
+class Digest:
+    sha256: str
+    records: int
+    sagas: int
+    applied_index: int
 
 
 def _reject(reason: str) -> log_pb2.RecordResult:

@@ -115,6 +115,13 @@ def end_saga(saga_id: str, epoch: int, outcome: int, time_ms: int = 0) -> log_pb
     )
 
 
+def purge_ended(ended_before_ms: int, max_sagas: int, time_ms: int = 0) -> log_pb2.Record:
+    return log_pb2.Record(
+        time_unix_ms=time_ms,
+        purge_ended=log_pb2.PurgeEnded(ended_before_unix_ms=ended_before_ms, max_sagas=max_sagas),
+    )
+
+
 def member(node_id: str, incarnation: bytes) -> log_pb2.Record:
     return log_pb2.Record(member=log_pb2.Member(node_id=node_id, incarnation=incarnation))
 

@@ -205,6 +205,24 @@ def _fingerprint(content: bytes) -> bytes:
     return hashlib.blake2b(content, digest_size=16).digest()
 
 
+START_IDENTITY = (Kind.START_SAGA, "", 0)
+
+
+def start_fingerprint(state: SagaState) -> bytes:
+    """The fingerprint of the saga's StartSaga (b"" before one is logged)."""
+    seen = state.seen.get(START_IDENTITY)
+    return seen[0] if seen is not None else b""
+
+
+def purged_state(start_fp: bytes, outcome: Outcome, records: int) -> SagaState:
+    """What the rules know of an ended saga whose records retention removed: it has
+    ended (so nothing more is accepted), and the same StartSaga again is a
+    DUPLICATE of position 0, a different one a conflict, as before the purge."""
+    return SagaState(
+        phase=Phase.ENDED, outcome=outcome, seen={START_IDENTITY: (start_fp, 0)}, next_seq=records
+    )
+
+
 def decide(state: SagaState, event: Event) -> Decision:
     """Whether `event` may follow `state`. Pure; never raises on bad input."""
     seen = state.seen.get(event.identity)

@@ -412,3 +412,59 @@ def test_200_sagas_survive_a_leader_kill_and_the_deposed_epoch_is_fenced(
         raise
     finally:
         own.stop_all()
+
+
+def test_ended_sagas_are_purged_to_tombstones_after_the_retention_period(tmp_path) -> None:
+    """Retention: records go, Get/List still answer, Submit stays idempotent, and
+    every replica purges the same sagas (digests equal)."""
+    parts = TravelParticipants(str(tmp_path / "parts"))
+    c = LocalCluster(str(tmp_path / "c"), nodes=3, settings={"ended_retention_s": 2})
+    ok = False
+    try:
+        parts.start_all()
+        parts.wait_ready(15)
+        c.start_all()
+        c.wait_for_leader(15)
+        definition = travel_definition(parts.endpoints)
+        with SagaClient([s.grpc_addr for s in c.specs.values()]) as client:
+            ids = [client.submit(definition, b"p", saga_id=f"old-{i}") for i in range(3)]
+            for saga_id in ids:
+                assert client.wait_for_end(saga_id, 30).state == sagas_pb2.COMPLETED
+            deadline = time.monotonic() + 30
+            while not all(client.get(i).purged for i in ids) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            for saga_id in ids:
+                info = client.get(saga_id)
+                assert info.purged and info.state == sagas_pb2.COMPLETED, info
+                assert not info.records and not info.vertices
+                assert info.name == definition.name and info.ended_unix_ms > 0
+            # A saga that has not been ended for 2 s yet keeps its records.
+            fresh = client.submit(definition, b"p", saga_id="fresh")
+            assert len(client.wait_for_end(fresh, 30).records) == 10
+            again = sagas_pb2.SubmitRequest(definition=definition, payload=b"p", saga_id="old-0")
+            assert not client._call("Submit", again).created  # a retry, not a second run
+            with pytest.raises(grpc.RpcError) as refused:
+                client.submit(definition, b"other", saga_id="old-0")
+            assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            with pytest.raises(grpc.RpcError) as ended:
+                client.abort("old-1")
+            assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "purged" in ended.value.details()
+            listed = {s.saga_id: s.state for s in client.list()}
+            assert all(listed[i] == sagas_pb2.COMPLETED for i in ids), listed
+            check_guarantee(client, parts, ids)
+        with LogClient([s.grpc_addr for s in c.specs.values()]) as logs:
+            deadline = time.monotonic() + 20
+            while True:
+                digests = [logs.digest(s.grpc_addr) for s in c.specs.values()]
+                if len({(d.applied_index, d.sha256) for d in digests}) == 1:
+                    break
+                assert time.monotonic() < deadline, digests
+                time.sleep(0.2)
+        ok = True
+    finally:
+        if not ok:
+            print(parts.logs())
+            print(c.logs(80))
+        c.stop_all()
+        parts.stop_all()

@@ -304,3 +304,99 @@ class LogModel(RuleBasedStateMachine):
 
 LogModel.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
 TestLogModel = LogModel.TestCase
+
+
+# ---- retention -----------------------------------------------------------------------
+
+
+def ended_saga(
+    log: SagaLog, index: int, saga_id: str, ended_ms: int, aborted: bool = False
+) -> None:
+    records = [rec.start_saga(saga_id, 1, DEF, b"p", time_ms=ended_ms - 50)]
+    if aborted:
+        records += [rec.abort_saga(saga_id, 1, "user asked", ended_ms - 10)]
+        outcome = log_pb2.OUTCOME_ABORTED
+    else:
+        for vertex in ("hotel", "pay"):
+            records += [rec.start_t(saga_id, 1, vertex, 1), rec.end_t(saga_id, 1, vertex)]
+        outcome = log_pb2.OUTCOME_COMPLETED
+    records.append(rec.end_saga(saga_id, 1, outcome, time_ms=ended_ms))
+    assert set(verdicts(apply_records(log, index, *records))) == {log_pb2.ACCEPTED}
+
+
+def retention_log() -> SagaLog:
+    """s1..s3 ended at 1000, 2000, 3000 ms (s2 aborted); s4 in flight."""
+    log = fresh()
+    ended_saga(log, 2, "s1", 1000)
+    ended_saga(log, 3, "s2", 2000, aborted=True)
+    ended_saga(log, 4, "s3", 3000)
+    apply_records(log, 5, rec.start_saga("s4", 1, DEF, b"p"))
+    return log
+
+
+def test_purge_replaces_the_oldest_ended_sagas_by_tombstones() -> None:
+    log = retention_log()
+    result = apply_records(log, 6, rec.purge_ended(2500, 1000, time_ms=9000))
+    assert verdicts(result) == [log_pb2.ACCEPTED] and result.results[0].purged == 2
+    assert log.records("s1") == [] and log.records("s2") == []
+    assert len(log.records("s3")) == 6 and len(log.records("s4")) == 1
+    stone = log.tombstone("s2")
+    assert stone is not None
+    assert stone.outcome == log_pb2.OUTCOME_ABORTED
+    assert (stone.started_unix_ms, stone.ended_unix_ms, stone.purged_unix_ms) == (1950, 2000, 9000)
+    assert stone.records == 3 and stone.abort_reason == "user asked"
+    assert log.tombstone("s3") is None
+    assert log.has_ended("s1") and list(log.in_flight()) == ["s4"]
+    assert log.oldest_ended_ms() == 3000
+    # Nothing older is left: the same purge again purges nothing.
+    again = apply_records(log, 7, rec.purge_ended(2500, 1000))
+    assert again.results[0].purged == 0
+
+
+def test_one_purge_takes_at_most_max_sagas_oldest_first() -> None:
+    log = retention_log()
+    result = apply_records(log, 6, rec.purge_ended(10_000, 1), rec.purge_ended(10_000, 1))
+    assert [r.purged for r in result.results] == [1, 1]
+    assert log.records("s1") == [] and log.records("s2") == []
+    assert len(log.records("s3")) == 6
+
+
+def test_a_purged_saga_is_still_known_to_the_rules() -> None:
+    for cold in (False, True):  # with its state cached, and re-read from the store
+        log = retention_log()
+        apply_records(log, 6, rec.purge_ended(1500, 10))
+        if cold:
+            log = SagaLog(log.kv)
+        result = apply_records(
+            log,
+            7,
+            rec.start_saga("s1", 1, DEF, b"p"),  # the same Submit, retried late
+            rec.start_saga("s1", 1, DEF, b"other"),
+            rec.start_t("s1", 1, "hotel", 2),
+        )
+        assert verdicts(result) == [log_pb2.DUPLICATE, log_pb2.REJECTED, log_pb2.REJECTED]
+        assert result.results[0].seq == 0
+        assert "conflict" in result.results[1].reason
+        assert log.records("s1") == []
+
+
+def test_bad_purge_records_are_rejected() -> None:
+    log = retention_log()
+    bad_id = rec.purge_ended(10_000, 10)
+    bad_id.saga_id = "s1"
+    result = apply_records(
+        log, 6, rec.purge_ended(10_000, 0), rec.purge_ended(10_000, 1001), bad_id
+    )
+    assert verdicts(result) == [log_pb2.REJECTED] * 3
+    assert len(log.records("s1")) == 6
+
+
+def test_replicas_that_purge_the_same_entries_stay_identical() -> None:
+    a, b = retention_log(), retention_log()
+    b = SagaLog(b.kv)  # another replica: nothing cached
+    for log in (a, b):
+        apply_records(log, 6, rec.purge_ended(2500, 1000, time_ms=9000))
+        ended_saga(log, 7, "s5", 4000)
+        apply_records(log, 8, rec.purge_ended(3500, 1000, time_ms=9500))
+    assert a.digest() == b.digest()
+    assert a.digest().records == 6 + 1  # s5's records and s4's StartSaga are left

@@ -167,7 +167,7 @@ class ForgetMember(_message.Message):
     def __init__(self, node_id: _Optional[str] = ...) -> None: ...
 
 class Record(_message.Message):
-    __slots__ = ("saga_id", "epoch", "time_unix_ms", "epoch_start", "start_saga", "start_t", "end_t", "fail_t", "abort_saga", "start_c", "end_c", "stuck", "end_saga", "member", "forget_member")
+    __slots__ = ("saga_id", "epoch", "time_unix_ms", "epoch_start", "start_saga", "start_t", "end_t", "fail_t", "abort_saga", "start_c", "end_c", "stuck", "end_saga", "member", "forget_member", "purge_ended")
     SAGA_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class Record(_message.Message):
     END_SAGA_FIELD_NUMBER: _ClassVar[int]
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     FORGET_MEMBER_FIELD_NUMBER: _ClassVar[int]
+    PURGE_ENDED_FIELD_NUMBER: _ClassVar[int]
     saga_id: str
     epoch: int
     time_unix_ms: int
@@ -198,7 +199,36 @@ class Record(_message.Message):
     end_saga: EndSaga
     member: Member
     forget_member: ForgetMember
-    def __init__(self, saga_id: _Optional[str] = ..., epoch: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., epoch_start: _Optional[_Union[Epoch, _Mapping]] = ..., start_saga: _Optional[_Union[StartSaga, _Mapping]] = ..., start_t: _Optional[_Union[StartT, _Mapping]] = ..., end_t: _Optional[_Union[EndT, _Mapping]] = ..., fail_t: _Optional[_Union[FailT, _Mapping]] = ..., abort_saga: _Optional[_Union[AbortSaga, _Mapping]] = ..., start_c: _Optional[_Union[StartC, _Mapping]] = ..., end_c: _Optional[_Union[EndC, _Mapping]] = ..., stuck: _Optional[_Union[Stuck, _Mapping]] = ..., end_saga: _Optional[_Union[EndSaga, _Mapping]] = ..., member: _Optional[_Union[Member, _Mapping]] = ..., forget_member: _Optional[_Union[ForgetMember, _Mapping]] = ...) -> None: ...
+    purge_ended: PurgeEnded
+    def __init__(self, saga_id: _Optional[str] = ..., epoch: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., epoch_start: _Optional[_Union[Epoch, _Mapping]] = ..., start_saga: _Optional[_Union[StartSaga, _Mapping]] = ..., start_t: _Optional[_Union[StartT, _Mapping]] = ..., end_t: _Optional[_Union[EndT, _Mapping]] = ..., fail_t: _Optional[_Union[FailT, _Mapping]] = ..., abort_saga: _Optional[_Union[AbortSaga, _Mapping]] = ..., start_c: _Optional[_Union[StartC, _Mapping]] = ..., end_c: _Optional[_Union[EndC, _Mapping]] = ..., stuck: _Optional[_Union[Stuck, _Mapping]] = ..., end_saga: _Optional[_Union[EndSaga, _Mapping]] = ..., member: _Optional[_Union[Member, _Mapping]] = ..., forget_member: _Optional[_Union[ForgetMember, _Mapping]] = ..., purge_ended: _Optional[_Union[PurgeEnded, _Mapping]] = ...) -> None: ...
+
+class PurgeEnded(_message.Message):
+    __slots__ = ("ended_before_unix_ms", "max_sagas")
+    ENDED_BEFORE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAGAS_FIELD_NUMBER: _ClassVar[int]
+    ended_before_unix_ms: int
+    max_sagas: int
+    def __init__(self, ended_before_unix_ms: _Optional[int] = ..., max_sagas: _Optional[int] = ...) -> None: ...
+
+class Tombstone(_message.Message):
+    __slots__ = ("outcome", "name", "started_unix_ms", "ended_unix_ms", "records", "start_fingerprint", "abort_reason", "purged_unix_ms")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    START_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_REASON_FIELD_NUMBER: _ClassVar[int]
+    PURGED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    outcome: Outcome
+    name: str
+    started_unix_ms: int
+    ended_unix_ms: int
+    records: int
+    start_fingerprint: bytes
+    abort_reason: str
+    purged_unix_ms: int
+    def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., name: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., ended_unix_ms: _Optional[int] = ..., records: _Optional[int] = ..., start_fingerprint: _Optional[bytes] = ..., abort_reason: _Optional[str] = ..., purged_unix_ms: _Optional[int] = ...) -> None: ...
 
 class RecordBatch(_message.Message):
     __slots__ = ("version", "records")
@@ -209,14 +239,16 @@ class RecordBatch(_message.Message):
     def __init__(self, version: _Optional[int] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ...) -> None: ...
 
 class RecordResult(_message.Message):
-    __slots__ = ("verdict", "reason", "seq")
+    __slots__ = ("verdict", "reason", "seq", "purged")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    PURGED_FIELD_NUMBER: _ClassVar[int]
     verdict: Verdict
     reason: str
     seq: int
-    def __init__(self, verdict: _Optional[_Union[Verdict, str]] = ..., reason: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+    purged: int
+    def __init__(self, verdict: _Optional[_Union[Verdict, str]] = ..., reason: _Optional[str] = ..., seq: _Optional[int] = ..., purged: _Optional[int] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("results", "error", "raft_index")

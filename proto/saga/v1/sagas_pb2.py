@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from saga.v1 import log_pb2 as saga_dot_v1_dot_log__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13saga/v1/sagas.proto\x12\x07saga.v1\x1a\x11saga/v1/log.proto\"^\n\rSubmitRequest\x12+\n\ndefinition\x18\x01 \x01(\x0b\x32\x17.saga.v1.SagaDefinition\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07saga_id\x18\x03 \x01(\t\"/\n\x0bSubmitReply\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\nGetRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"\x8f\x01\n\nVertexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.saga.v1.VertexState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x1d\n\x15\x63ompensation_attempts\x18\x04 \x01(\r\x12\x0e\n\x06output\x18\x05 \x01(\x0c\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\xdb\x01\n\x08SagaInfo\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.saga.v1.SagaState\x12\x0c\n\x04name\x18\x03 \x01(\t\x12%\n\x08vertices\x18\x04 \x03(\x0b\x32\x13.saga.v1.VertexInfo\x12 \n\x07records\x18\x05 \x03(\x0b\x32\x0f.saga.v1.Record\x12\x14\n\x0c\x61\x62ort_reason\x18\x06 \x01(\t\x12\x17\n\x0fstarted_unix_ms\x18\x07 \x01(\x03\x12\x15\n\rended_unix_ms\x18\x08 \x01(\x03\"W\n\x0bListRequest\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.saga.v1.SagaState\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x0bSagaSummary\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.saga.v1.SagaState\x12\x0c\n\x04name\x18\x03 \x01(\t\"I\n\tListReply\x12#\n\x05sagas\x18\x01 \x03(\x0b\x32\x14.saga.v1.SagaSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x0cWatchRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\r\":\n\nWatchEvent\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x1f\n\x06record\x18\x02 \x01(\x0b\x32\x0f.saga.v1.Record\"/\n\x0c\x41\x62ortRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0c\n\nAbortReply\"A\n\x0eResolveRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06vertex\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0e\n\x0cResolveReply*i\n\tSagaState\x12\x1a\n\x16SAGA_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\r\n\tCOMPLETED\x10\x02\x12\x0c\n\x08\x41\x42ORTING\x10\x03\x12\x0b\n\x07\x41\x42ORTED\x10\x04\x12\t\n\x05STUCK\x10\x05*\x90\x01\n\x0bVertexState\x12\x1c\n\x18VERTEX_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07STARTED\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x10\n\x0c\x43OMPENSATING\x10\x05\x12\x0f\n\x0b\x43OMPENSATED\x10\x06\x12\x10\n\x0cVERTEX_STUCK\x10\x07\x32\xc7\x02\n\x05Sagas\x12\x36\n\x06Submit\x12\x16.saga.v1.SubmitRequest\x1a\x14.saga.v1.SubmitReply\x12-\n\x03Get\x12\x13.saga.v1.GetRequest\x1a\x11.saga.v1.SagaInfo\x12\x30\n\x04List\x12\x14.saga.v1.ListRequest\x1a\x12.saga.v1.ListReply\x12\x35\n\x05Watch\x12\x15.saga.v1.WatchRequest\x1a\x13.saga.v1.WatchEvent0\x01\x12\x33\n\x05\x41\x62ort\x12\x15.saga.v1.AbortRequest\x1a\x13.saga.v1.AbortReply\x12\x39\n\x07Resolve\x12\x17.saga.v1.ResolveRequest\x1a\x15.saga.v1.ResolveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13saga/v1/sagas.proto\x12\x07saga.v1\x1a\x11saga/v1/log.proto\"^\n\rSubmitRequest\x12+\n\ndefinition\x18\x01 \x01(\x0b\x32\x17.saga.v1.SagaDefinition\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07saga_id\x18\x03 \x01(\t\"/\n\x0bSubmitReply\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1d\n\nGetRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"\x8f\x01\n\nVertexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.saga.v1.VertexState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x1d\n\x15\x63ompensation_attempts\x18\x04 \x01(\r\x12\x0e\n\x06output\x18\x05 \x01(\x0c\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\xeb\x01\n\x08SagaInfo\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.saga.v1.SagaState\x12\x0c\n\x04name\x18\x03 \x01(\t\x12%\n\x08vertices\x18\x04 \x03(\x0b\x32\x13.saga.v1.VertexInfo\x12 \n\x07records\x18\x05 \x03(\x0b\x32\x0f.saga.v1.Record\x12\x14\n\x0c\x61\x62ort_reason\x18\x06 \x01(\t\x12\x17\n\x0fstarted_unix_ms\x18\x07 \x01(\x03\x12\x15\n\rended_unix_ms\x18\x08 \x01(\x03\x12\x0e\n\x06purged\x18\t \x01(\x08\"W\n\x0bListRequest\x12!\n\x05state\x18\x01 \x01(\x0e\x32\x12.saga.v1.SagaState\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x0bSagaSummary\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.saga.v1.SagaState\x12\x0c\n\x04name\x18\x03 \x01(\t\"I\n\tListReply\x12#\n\x05sagas\x18\x01 \x03(\x0b\x32\x14.saga.v1.SagaSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x0cWatchRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\r\":\n\nWatchEvent\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x1f\n\x06record\x18\x02 \x01(\x0b\x32\x0f.saga.v1.Record\"/\n\x0c\x41\x62ortRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0c\n\nAbortReply\"A\n\x0eResolveRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06vertex\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0e\n\x0cResolveReply*i\n\tSagaState\x12\x1a\n\x16SAGA_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\r\n\tCOMPLETED\x10\x02\x12\x0c\n\x08\x41\x42ORTING\x10\x03\x12\x0b\n\x07\x41\x42ORTED\x10\x04\x12\t\n\x05STUCK\x10\x05*\x90\x01\n\x0bVertexState\x12\x1c\n\x18VERTEX_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07STARTED\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\x10\n\x0c\x43OMPENSATING\x10\x05\x12\x0f\n\x0b\x43OMPENSATED\x10\x06\x12\x10\n\x0cVERTEX_STUCK\x10\x07\x32\xc7\x02\n\x05Sagas\x12\x36\n\x06Submit\x12\x16.saga.v1.SubmitRequest\x1a\x14.saga.v1.SubmitReply\x12-\n\x03Get\x12\x13.saga.v1.GetRequest\x1a\x11.saga.v1.SagaInfo\x12\x30\n\x04List\x12\x14.saga.v1.ListRequest\x1a\x12.saga.v1.ListReply\x12\x35\n\x05Watch\x12\x15.saga.v1.WatchRequest\x1a\x13.saga.v1.WatchEvent0\x01\x12\x33\n\x05\x41\x62ort\x12\x15.saga.v1.AbortRequest\x1a\x13.saga.v1.AbortReply\x12\x39\n\x07Resolve\x12\x17.saga.v1.ResolveRequest\x1a\x15.saga.v1.ResolveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'saga.v1.sagas_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAGASTATE']._serialized_start=1097
-  _globals['_SAGASTATE']._serialized_end=1202
-  _globals['_VERTEXSTATE']._serialized_start=1205
-  _globals['_VERTEXSTATE']._serialized_end=1349
+  _globals['_SAGASTATE']._serialized_start=1113
+  _globals['_SAGASTATE']._serialized_end=1218
+  _globals['_VERTEXSTATE']._serialized_start=1221
+  _globals['_VERTEXSTATE']._serialized_end=1365
   _globals['_SUBMITREQUEST']._serialized_start=51
   _globals['_SUBMITREQUEST']._serialized_end=145
   _globals['_SUBMITREPLY']._serialized_start=147
@@ -45,25 +45,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERTEXINFO']._serialized_start=228
   _globals['_VERTEXINFO']._serialized_end=371
   _globals['_SAGAINFO']._serialized_start=374
-  _globals['_SAGAINFO']._serialized_end=593
-  _globals['_LISTREQUEST']._serialized_start=595
-  _globals['_LISTREQUEST']._serialized_end=682
-  _globals['_SAGASUMMARY']._serialized_start=684
-  _globals['_SAGASUMMARY']._serialized_end=763
-  _globals['_LISTREPLY']._serialized_start=765
-  _globals['_LISTREPLY']._serialized_end=838
-  _globals['_WATCHREQUEST']._serialized_start=840
-  _globals['_WATCHREQUEST']._serialized_end=889
-  _globals['_WATCHEVENT']._serialized_start=891
-  _globals['_WATCHEVENT']._serialized_end=949
-  _globals['_ABORTREQUEST']._serialized_start=951
-  _globals['_ABORTREQUEST']._serialized_end=998
-  _globals['_ABORTREPLY']._serialized_start=1000
-  _globals['_ABORTREPLY']._serialized_end=1012
-  _globals['_RESOLVEREQUEST']._serialized_start=1014
-  _globals['_RESOLVEREQUEST']._serialized_end=1079
-  _globals['_RESOLVEREPLY']._serialized_start=1081
-  _globals['_RESOLVEREPLY']._serialized_end=1095
-  _globals['_SAGAS']._serialized_start=1352
-  _globals['_SAGAS']._serialized_end=1679
+  _globals['_SAGAINFO']._serialized_end=609
+  _globals['_LISTREQUEST']._serialized_start=611
+  _globals['_LISTREQUEST']._serialized_end=698
+  _globals['_SAGASUMMARY']._serialized_start=700
+  _globals['_SAGASUMMARY']._serialized_end=779
+  _globals['_LISTREPLY']._serialized_start=781
+  _globals['_LISTREPLY']._serialized_end=854
+  _globals['_WATCHREQUEST']._serialized_start=856
+  _globals['_WATCHREQUEST']._serialized_end=905
+  _globals['_WATCHEVENT']._serialized_start=907
+  _globals['_WATCHEVENT']._serialized_end=965
+  _globals['_ABORTREQUEST']._serialized_start=967
+  _globals['_ABORTREQUEST']._serialized_end=1014
+  _globals['_ABORTREPLY']._serialized_start=1016
+  _globals['_ABORTREPLY']._serialized_end=1028
+  _globals['_RESOLVEREQUEST']._serialized_start=1030
+  _globals['_RESOLVEREQUEST']._serialized_end=1095
+  _globals['_RESOLVEREPLY']._serialized_start=1097
+  _globals['_RESOLVEREPLY']._serialized_end=1111
+  _globals['_SAGAS']._serialized_start=1368
+  _globals['_SAGAS']._serialized_end=1695
 # @@protoc_insertion_point(module_scope)

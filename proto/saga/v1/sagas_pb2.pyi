@@ -83,7 +83,7 @@ class VertexInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[VertexState, str]] = ..., attempts: _Optional[int] = ..., compensation_attempts: _Optional[int] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SagaInfo(_message.Message):
-    __slots__ = ("saga_id", "state", "name", "vertices", "records", "abort_reason", "started_unix_ms", "ended_unix_ms")
+    __slots__ = ("saga_id", "state", "name", "vertices", "records", "abort_reason", "started_unix_ms", "ended_unix_ms", "purged")
     SAGA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class SagaInfo(_message.Message):
     ABORT_REASON_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ENDED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PURGED_FIELD_NUMBER: _ClassVar[int]
     saga_id: str
     state: SagaState
     name: str
@@ -100,7 +101,8 @@ class SagaInfo(_message.Message):
     abort_reason: str
     started_unix_ms: int
     ended_unix_ms: int
-    def __init__(self, saga_id: _Optional[str] = ..., state: _Optional[_Union[SagaState, str]] = ..., name: _Optional[str] = ..., vertices: _Optional[_Iterable[_Union[VertexInfo, _Mapping]]] = ..., records: _Optional[_Iterable[_Union[_log_pb2.Record, _Mapping]]] = ..., abort_reason: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., ended_unix_ms: _Optional[int] = ...) -> None: ...
+    purged: bool
+    def __init__(self, saga_id: _Optional[str] = ..., state: _Optional[_Union[SagaState, str]] = ..., name: _Optional[str] = ..., vertices: _Optional[_Iterable[_Union[VertexInfo, _Mapping]]] = ..., records: _Optional[_Iterable[_Union[_log_pb2.Record, _Mapping]]] = ..., abort_reason: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., ended_unix_ms: _Optional[int] = ..., purged: _Optional[bool] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ("state", "page_size", "page_token")
