@@ -10,7 +10,7 @@ caller turns into a fail-stop.
 Key layout (raw bytes, big-endian fixed-width numbers, so RocksDB's bytewise
 order is numeric order and the records of one saga are contiguous and in order):
 
-    M<name>                  meta: applied index, newest epoch, next saga number
+    M<name>                  meta: applied index, newest epoch, next saga number, clock
     I<saga id>               -> saga number (8 bytes): client ids map to fixed-width keys
     S<saga no>               -> saga id (reverse map, for listing)
     R<saga no><seq:4>        -> encoded Record, seq = 0, 1, 2, ... within the saga
@@ -58,6 +58,10 @@ TOMBSTONES = b"T"
 APPLIED_KEY = META + b"applied"
 EPOCH_KEY = META + b"epoch"
 NEXT_SAGA_KEY = META + b"next_saga"
+# The log's clock: the latest time_unix_ms of any accepted record. A saga
+# ends, for retention, no earlier than this, so a proposer that leaves the time at
+# 0 does not make a saga look 56 years old (and purged at once).
+CLOCK_KEY = META + b"clock"
 
 MAX_INCARNATION_BYTES = 64
 # Sagas one PurgeEnded record may purge: bounds the work of one apply.
@@ -91,6 +95,7 @@ class SagaLog:
     def __init__(self, kv: KV) -> None:
         self.kv = kv
         self._cache: OrderedDict[str, _Saga] = OrderedDict()
+        self._clock_ms = 0  # CLOCK_KEY while a batch is validated
         # Called after each applied entry with (saga id, seq, record) of every saga
         # record it accepted. Runs on the applying thread: it must not block.
         self.listener: Callable[[list[tuple[str, int, log_pb2.Record]]], None] | None = None
@@ -130,6 +135,8 @@ class SagaLog:
     ) -> None:
         epoch = self.epoch()
         next_saga = self._next_saga_number()
+        raw = self.kv.get(CLOCK_KEY)
+        clock = self._clock_ms = _U64.unpack(raw)[0] if raw else 0
         members: dict[str, bytes | None] = {}  # registry changes within this batch
         purged: set[bytes] = set()  # saga numbers purged within this batch
         for record in records:
@@ -142,8 +149,12 @@ class SagaLog:
                 res = self._purge(record, purged, ops)
             else:
                 res, next_saga = self._saga_record(record, epoch.number, next_saga, ops)
+            if res.verdict == ACCEPTED:
+                self._clock_ms = max(self._clock_ms, record.time_unix_ms)
             result.results.append(res)
         ops.append((NEXT_SAGA_KEY, _u64(next_saga)))
+        if self._clock_ms != clock:
+            ops.append((CLOCK_KEY, _u64(self._clock_ms)))
 
     def _epoch(
         self, record: log_pb2.Record, current: log_pb2.Epoch, ops: list[tuple[bytes, bytes | None]]
@@ -231,11 +242,12 @@ class SagaLog:
             ops.append((IN_FLIGHT + number, b""))
         seq = saga.state.next_seq
         apply(saga.state, event)
+        self._clock_ms = max(self._clock_ms, record.time_unix_ms)
         number = _u64(saga.number)
         ops.append((RECORDS + number + _U32.pack(seq), codec.encode_record(record)))
         if saga.state.phase is Phase.ENDED:
             ops.append((IN_FLIGHT + number, None))
-            ops.append((ENDED + _u64(max(0, record.time_unix_ms)) + number, b""))
+            ops.append((ENDED + _u64(self._clock_ms) + number, b""))
         return log_pb2.RecordResult(verdict=ACCEPTED, seq=seq), next_saga
 
     def _purge(

@@ -400,3 +400,23 @@ def test_replicas_that_purge_the_same_entries_stay_identical() -> None:
         apply_records(log, 8, rec.purge_ended(3500, 1000, time_ms=9500))
     assert a.digest() == b.digest()
     assert a.digest().records == 6 + 1  # s5's records and s4's StartSaga are left
+
+
+def test_a_saga_ended_without_a_time_is_not_older_than_the_log() -> None:
+    """Records proposed with time 0 (the field's default) must not look ended in 1970."""
+    log = fresh()
+    ended_saga(log, 2, "s1", 5000)
+    apply_records(
+        log,
+        3,
+        rec.start_saga("s2", 1, DEF),
+        rec.abort_saga("s2", 1, "no"),
+        rec.end_saga("s2", 1, log_pb2.OUTCOME_ABORTED),  # time 0
+    )
+    assert apply_records(log, 4, rec.purge_ended(4999, 10)).results[0].purged == 0
+    assert apply_records(log, 5, rec.purge_ended(5001, 10)).results[0].purged == 2
+    # Cluster records move the clock too: a leader's Epoch carries its time.
+    apply_records(log, 6, rec.epoch(2, "n2", time_ms=9000))
+    apply_records(log, 7, rec.start_saga("s3", 2, DEF), rec.abort_saga("s3", 2, "no"))
+    apply_records(log, 8, rec.end_saga("s3", 2, log_pb2.OUTCOME_ABORTED))
+    assert log.oldest_ended_ms() == 9000
