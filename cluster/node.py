@@ -158,6 +158,10 @@ class Node:
         driver = self.driver
         return driver.in_flight() if driver is not None else 0
 
+    def coordinator_lag_s(self) -> float:
+        driver = self.driver
+        return driver.lag_s() if driver is not None else 0.0
+
     def leader_grpc_addr(self) -> str | None:
         leader = self.raft._getLeader() if self.raft is not None else None
         if leader is None:

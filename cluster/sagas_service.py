@@ -41,8 +41,12 @@ WATCH_POLL_S = 0.02
 WATCH_MAX_S = 3600.0  # a Watch stream ends after this long; the client resumes it
 WATCH_UNKNOWN_GRACE_S = 5.0
 WRITE_TIMEOUT_S = 5.0
-# Back-pressure: beyond this many sagas in flight on the leader, Submit answers
-# RESOURCE_EXHAUSTED instead of letting every saga's latency grow without bound.
+# Back-pressure: Submit answers RESOURCE_EXHAUSTED, instead of letting every saga's
+# latency grow without bound, while the coordinator is more than this far behind
+# (the longest a participant's reply or an applied record waited for it, or the age
+# of the oldest record waiting to be proposed: `Driver.lag_s`)...
+MAX_COORDINATOR_LAG_S = 0.5
+# ...or while this many sagas are in flight on the leader (memory).
 MAX_SAGAS_IN_FLIGHT = 20_000
 _PROPOSE_CODES_KEPT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
 
@@ -55,6 +59,7 @@ class NodeView(Protocol):
 
     def office_epoch(self) -> int | None: ...
     def sagas_in_flight(self) -> int: ...
+    def coordinator_lag_s(self) -> float: ...
     def leader_grpc_addr(self) -> str | None: ...
     def is_leader(self) -> bool: ...
 
@@ -242,6 +247,13 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{in_flight} sagas are in flight (limit {MAX_SAGAS_IN_FLIGHT}); retry later",
+            )
+        lag = self._node.coordinator_lag_s()
+        if lag > MAX_COORDINATOR_LAG_S:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the coordinator is {lag * 1000:.0f} ms behind "
+                f"(limit {MAX_COORDINATOR_LAG_S * 1000:.0f} ms); retry later",
             )
         record = rec.start_saga(
             saga_id, epoch, request.definition, request.payload, int(time.time() * 1000)

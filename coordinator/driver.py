@@ -115,6 +115,8 @@ class Driver:
         self._proposals: dict[int, tuple[float, list[tuple]]] = {}
         self._proposal_seq = 0
         self._outbox: list[log_pb2.Record] = []
+        self._outbox_since: float | None = None  # when the oldest waiting record came
+        self._event_lag_s = 0.0  # see lag_s
         self._calls_in_flight = 0
         self._channels: dict[str, grpc.Channel] = {}
         self._stop = threading.Event()
@@ -141,7 +143,7 @@ class Driver:
 
     def stop(self) -> None:
         self._stop.set()
-        self._events.put(("wake",))
+        self._post(("wake",))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
         for channel in self._channels.values():
@@ -155,12 +157,23 @@ class Driver:
     def in_flight(self) -> int:
         return len(self._runs)
 
+    def lag_s(self) -> float:
+        """How far behind the coordinator is: the longest an event (a reply, an
+        applied record) waited in the last turn, or the age of the oldest record
+        waiting to be proposed. Submit refuses new sagas while it is high."""
+        outbox_since = self._outbox_since
+        outbox_age = time.monotonic() - outbox_since if outbox_since is not None else 0.0
+        return max(self._event_lag_s, outbox_age)
+
+    def _post(self, event: tuple) -> None:
+        self._events.put((time.monotonic(), event))
+
     # ---- inputs (any thread) ---------------------------------------------------------
 
     def on_applied(self, records: list[tuple[str, int, log_pb2.Record]]) -> None:
         """The Saga Log's listener: runs on the Raft thread, so it only enqueues."""
         if not self._stop.is_set():
-            self._events.put(("applied", records))
+            self._post(("applied", records))
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -177,13 +190,16 @@ class Driver:
         timeout = 0.0 if self._backlog else TURN_WAIT_S
         if self._timers:
             timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
+        lag = 0.0
         try:
-            event = self._events.get(timeout=timeout)
+            posted, event = self._events.get(timeout=timeout)
+            lag = time.monotonic() - posted  # the oldest event of this turn
             self._handle(event)
             while True:  # drain: everything that arrived goes into this turn
-                self._handle(self._events.get_nowait())
+                self._handle(self._events.get_nowait()[1])
         except queue.Empty:
             pass
+        self._event_lag_s = lag
         if self._stop.is_set():
             return
         now = time.monotonic()
@@ -296,6 +312,8 @@ class Driver:
             identity = _identity(record)
             if identity not in run.pending:
                 run.pending.add(identity)
+                if not self._outbox:
+                    self._outbox_since = time.monotonic()
                 self._outbox.append(record)
 
     def _maybe_crash(self, point: str) -> None:
@@ -357,9 +375,11 @@ class Driver:
             self.stats["records"] += len(batch)
 
             def done(result: Any, reason: int, pid: int = pid, batch=batch) -> None:
-                self._events.put(("proposed", pid, result, reason))
+                self._post(("proposed", pid, result, reason))
 
             self._raft.apply_batch(codec.encode_batch(batch), callback=done)
+        if not self._outbox:
+            self._outbox_since = None
 
     def _proposed(self, pid: int, result: Any, reason: int) -> None:
         entry = self._proposals.pop(pid, None)
@@ -435,7 +455,7 @@ class Driver:
         self._barrier = (now, pauses)
 
         def done(result: Any, reason: int) -> None:
-            self._events.put(("confirmed", reason, pauses))
+            self._post(("confirmed", reason, pauses))
 
         self._raft.apply_batch(codec.encode_batch([]), callback=done)
 
@@ -477,7 +497,7 @@ class Driver:
         try:
             future = method.future(request, timeout=core.timeout_ms(vertex) / 1000)
         except Exception as exc:  # e.g. an endpoint gRPC cannot parse
-            self._events.put(("reply", saga_id, call, core.Reply(None, error=str(exc))))
+            self._post(("reply", saga_id, call, core.Reply(None, error=str(exc))))
             return
 
         def done(f: Any) -> None:
@@ -488,6 +508,6 @@ class Driver:
                 answer = core.Reply(None, error=f"{exc.code().name}: {exc.details()}")
             except Exception as exc:
                 answer = core.Reply(None, error=str(exc))
-            self._events.put(("reply", saga_id, call, answer))
+            self._post(("reply", saga_id, call, answer))
 
         future.add_done_callback(done)

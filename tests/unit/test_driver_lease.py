@@ -29,7 +29,7 @@ class FakeRaft:
 
 def deliver(driver: Driver) -> None:
     while not driver._events.empty():
-        driver._handle(driver._events.get_nowait())
+        driver._handle(driver._events.get_nowait()[1])
 
 
 def pause(driver: Driver, seconds: float = 1.0) -> None:
