@@ -26,6 +26,7 @@ from cluster.grpcutil import channel_to
 from cluster.retention import Retention
 from cluster.sagas_service import SagasService
 from cluster.service import ClusterService, raft_role
+from coordinator.admission import MAX_LIMIT
 from coordinator.driver import Driver
 from sagalog import codec
 from sagalog import records as rec
@@ -157,6 +158,10 @@ class Node:
     def sagas_in_flight(self) -> int:
         driver = self.driver
         return driver.in_flight() if driver is not None else 0
+
+    def saga_limit(self) -> int:
+        driver = self.driver
+        return driver.saga_limit() if driver is not None else MAX_LIMIT
 
     def coordinator_lag_s(self) -> float:
         driver = self.driver

@@ -42,12 +42,12 @@ WATCH_MAX_S = 3600.0  # a Watch stream ends after this long; the client resumes 
 WATCH_UNKNOWN_GRACE_S = 5.0
 WRITE_TIMEOUT_S = 5.0
 # Back-pressure: Submit answers RESOURCE_EXHAUSTED, instead of letting every saga's
-# latency grow without bound, while the coordinator is more than this far behind
-# (the longest a participant's reply or an applied record waited for it, or the age
-# of the oldest record waiting to be proposed: `Driver.lag_s`)...
+# latency grow without bound, while the sagas in flight reach the coordinator's
+# limit (adapted to the latency sagas see: coordinator/admission.py), or while
+# the coordinator is more than this far behind (the longest a participant's reply
+# or an applied record waited for it, or the age of the oldest record waiting to
+# be proposed: `Driver.lag_s`).
 MAX_COORDINATOR_LAG_S = 0.5
-# ...or while this many sagas are in flight on the leader (memory).
-MAX_SAGAS_IN_FLIGHT = 20_000
 _PROPOSE_CODES_KEPT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
 
 
@@ -59,6 +59,7 @@ class NodeView(Protocol):
 
     def office_epoch(self) -> int | None: ...
     def sagas_in_flight(self) -> int: ...
+    def saga_limit(self) -> int: ...
     def coordinator_lag_s(self) -> float: ...
     def leader_grpc_addr(self) -> str | None: ...
     def is_leader(self) -> bool: ...
@@ -242,11 +243,12 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         if forwarded is not None:
             return forwarded
         epoch = self._epoch(context)
-        in_flight = self._node.sagas_in_flight()
-        if in_flight >= MAX_SAGAS_IN_FLIGHT:
+        in_flight, limit = self._node.sagas_in_flight(), self._node.saga_limit()
+        if in_flight >= limit:
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{in_flight} sagas are in flight (limit {MAX_SAGAS_IN_FLIGHT}); retry later",
+                f"{in_flight} sagas are in flight; the limit is {limit} now "
+                "(it follows the latency sagas see); retry later",
             )
         lag = self._node.coordinator_lag_s()
         if lag > MAX_COORDINATOR_LAG_S:

@@ -33,6 +33,7 @@ from pysyncobj import FAIL_REASON
 from saga.v1 import log_pb2, participant_pb2_grpc
 
 from coordinator import core
+from coordinator.admission import AdmissionLimit
 from coordinator.view import SagaView
 from sagalog import codec
 from sagalog.transitions import Phase
@@ -134,6 +135,10 @@ class Driver:
         self._pauses = 0
         self._barrier: tuple[float, int] | None = None  # (sent at, pauses) in flight
         self.stats = {"proposals": 0, "records": 0, "calls": 0, "replies": 0}
+        # How many sagas may be in flight (Submit asks), from the latency of the
+        # sagas started in this driver's term (older ones' latency holds the failover).
+        self.admission = AdmissionLimit(time.monotonic())
+        self._started_ms = now_ms()
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -156,6 +161,9 @@ class Driver:
 
     def in_flight(self) -> int:
         return len(self._runs)
+
+    def saga_limit(self) -> int:
+        return self.admission.limit
 
     def lag_s(self) -> float:
         """How far behind the coordinator is: the longest an event (a reply, an
@@ -210,6 +218,7 @@ class Driver:
             _, _, saga_id, call = heapq.heappop(self._timers)
             self._retry(saga_id, call)
         self._expire_proposals(now)
+        self.admission.update(now, len(self._runs))
         if now >= self._next_sweep:
             self._sweep()
         self._unblock()
@@ -249,6 +258,8 @@ class Driver:
         run.pending.discard(_identity(record))
         if seq == run.view.next_seq:
             run.view.add(record)
+            if record.HasField("end_saga") and run.view.started_ms >= self._started_ms:
+                self.admission.on_ended((run.view.ended_ms - run.view.started_ms) / 1000)
         elif seq > run.view.next_seq:  # a gap: read the saga again from the store
             self._load(saga_id)
             return

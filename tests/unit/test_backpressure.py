@@ -11,6 +11,8 @@ import pytest
 from saga.v1 import sagas_pb2
 
 from cluster.sagas_service import MAX_COORDINATOR_LAG_S, SagasService
+from coordinator import admission
+from coordinator.admission import AdmissionLimit
 from coordinator.driver import Driver
 from sagalog import records as rec
 
@@ -56,8 +58,9 @@ class _Context:
 
 
 class _Node:
-    def __init__(self, lag_s: float) -> None:
+    def __init__(self, lag_s: float, in_flight: int = 0) -> None:
         self.lag = lag_s
+        self.in_flight = in_flight
         self.raft = SimpleNamespace()
         self.proposer = None  # a Submit that got past admission would fail here
 
@@ -65,7 +68,10 @@ class _Node:
         return 1
 
     def sagas_in_flight(self) -> int:
-        return 0
+        return self.in_flight
+
+    def saga_limit(self) -> int:
+        return 100
 
     def coordinator_lag_s(self) -> float:
         return self.lag
@@ -89,3 +95,70 @@ def test_submit_is_resource_exhausted_only_while_the_coordinator_lags(lag_s: flo
         assert "behind" in context.details
     else:  # admitted: it went on to propose (no proposer here: "starting")
         assert context.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_submit_is_resource_exhausted_at_the_saga_limit() -> None:
+    service = SagasService(_Node(0.0, in_flight=100))  # type: ignore[arg-type]
+    context = _Context()
+    request = sagas_pb2.SubmitRequest(definition=rec.chain_definition("a"), saga_id="s1")
+    with pytest.raises(_Aborted):
+        service.Submit(request, context)
+    assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit is 100" in context.details
+
+
+# ---- AdmissionLimit ---------------------------------------------------------------------
+
+
+def run_periods(
+    a: AdmissionLimit, t: float, periods: int, latency_s: float, in_flight: int
+) -> float:
+    """`periods` update periods in which 10 sagas ended with `latency_s` each."""
+    for _ in range(periods):
+        for _ in range(10):
+            a.on_ended(latency_s)
+        t += admission.UPDATE_S
+        a.update(t, in_flight)
+    return t
+
+
+def test_the_limit_falls_while_sagas_are_slower_than_allowed() -> None:
+    a = AdmissionLimit(0.0, initial=5000)
+    t = run_periods(a, 0.0, 3, 0.02, in_flight=4000)  # the no-queue latency: 20 ms
+    assert a.allowed_latency_s() == admission.LATENCY_FLOOR_S
+    start = a.limit
+    t = run_periods(a, t, 3, 2.0, in_flight=a.limit)  # a queue: 2 s each
+    assert a.limit < start * 0.5
+    run_periods(a, t, 30, 2.0, in_flight=a.limit)
+    assert a.limit == admission.MIN_LIMIT
+
+
+def test_the_limit_grows_fast_when_latency_is_low_but_not_past_twice_the_load() -> None:
+    a = AdmissionLimit(0.0)
+    t = run_periods(a, 0.0, 1, 0.02, in_flight=a.limit)
+    assert a.limit == int(admission.MIN_LIMIT * admission.INCREASE) + 1
+    t = run_periods(a, t, 20, 0.02, in_flight=300)
+    assert a.limit == 600  # twice the sagas that were in flight
+    run_periods(a, t, 20, 0.02, in_flight=10)
+    assert a.limit == admission.MIN_LIMIT  # an idle cluster banks no large limit
+
+
+def test_too_few_ended_sagas_change_nothing_unless_the_limit_is_full() -> None:
+    a = AdmissionLimit(0.0, initial=1000)
+    a.on_ended(30.0)
+    a.update(admission.UPDATE_S, 800)
+    assert a.limit == 1000
+    # Full and nothing ends: sagas wait on a stopped participant, not on us.
+    a.update(2 * admission.UPDATE_S, 1000)
+    assert a.limit == 1501
+
+
+def test_slow_participants_raise_the_allowed_latency() -> None:
+    """Sagas that take 4 s each with no queue are not throttled for long."""
+    a = AdmissionLimit(0.0, initial=400)
+    t = run_periods(a, 0.0, 1, 4.0, in_flight=400)  # judged against the floor: cut
+    assert a.limit < 400
+    assert a.allowed_latency_s() == 8.0
+    low = a.limit
+    run_periods(a, t, 10, 4.0, in_flight=a.limit)
+    assert a.limit > low
