@@ -73,9 +73,9 @@ def _take(queue: OrderedDict[str, None], limit: int) -> list[str]:
 
 
 def _identity(record: log_pb2.Record) -> tuple:
-    event = codec.to_event(record).event
-    assert event is not None
-    return (record.saga_id, *event.identity)
+    identity = codec.identity(record)
+    assert identity is not None, "the driver sees saga records only"
+    return (record.saga_id, *identity)
 
 
 class Driver:
@@ -115,7 +115,7 @@ class Driver:
         self._timer_seq = 0
         self._proposals: dict[int, tuple[float, list[tuple]]] = {}
         self._proposal_seq = 0
-        self._outbox: list[log_pb2.Record] = []
+        self._outbox: list[tuple[log_pb2.Record, tuple]] = []  # (record, its identity)
         self._outbox_since: float | None = None  # when the oldest waiting record came
         self._event_lag_s = 0.0  # see lag_s
         self._calls_in_flight = 0
@@ -325,7 +325,7 @@ class Driver:
                 run.pending.add(identity)
                 if not self._outbox:
                     self._outbox_since = time.monotonic()
-                self._outbox.append(record)
+                self._outbox.append((record, identity))
 
     def _maybe_crash(self, point: str) -> None:
         if self._crash_point == point:
@@ -371,16 +371,16 @@ class Driver:
             return  # kept; proposed once in office again, or dropped when stopped
         while self._outbox and len(self._proposals) < MAX_PROPOSALS_IN_FLIGHT:
             count, size = 0, 0
-            for record in self._outbox[:MAX_RECORDS_PER_PROPOSAL]:
+            for record, _ in self._outbox[:MAX_RECORDS_PER_PROPOSAL]:
                 size += record.ByteSize() + 8
                 if count and size > MAX_PROPOSAL_BYTES:
                     break
                 count += 1
-            batch = self._outbox[:count]
+            batch = [record for record, _ in self._outbox[:count]]
+            identities = [identity for _, identity in self._outbox[:count]]
             del self._outbox[:count]
             self._proposal_seq += 1
             pid = self._proposal_seq
-            identities = [_identity(r) for r in batch]
             self._proposals[pid] = (time.monotonic() + PROPOSAL_DEADLINE_S, identities)
             self.stats["proposals"] += 1
             self.stats["records"] += len(batch)

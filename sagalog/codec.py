@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 from saga.v1 import log_pb2
 
-from sagalog.transitions import Event, Kind, Outcome
+from sagalog.transitions import ATTEMPT_KINDS, Event, Kind, Outcome
 
 BATCH_VERSION = 1
 
@@ -95,6 +95,19 @@ def check_saga_id(saga_id: str) -> str:
 
 def body_name(record: log_pb2.Record) -> str:
     return record.WhichOneof("body") or ""
+
+
+def identity(record: log_pb2.Record) -> tuple[Kind, str, int] | None:
+    """`to_event(record).event.identity` without building the event (which
+    serialises the body): the coordinator asks for it for every record it sends
+    and every record it sees applied. None for a record that is not a saga's."""
+    body = body_name(record)
+    kind = _KIND_OF_BODY.get(body)
+    if kind is None:
+        return None
+    msg = getattr(record, body)
+    attempt = msg.attempt if kind in ATTEMPT_KINDS else 0
+    return (kind, getattr(msg, "vertex", ""), attempt)
 
 
 @dataclass(frozen=True)

@@ -420,3 +420,22 @@ def test_a_saga_ended_without_a_time_is_not_older_than_the_log() -> None:
     apply_records(log, 7, rec.start_saga("s3", 2, DEF), rec.abort_saga("s3", 2, "no"))
     apply_records(log, 8, rec.end_saga("s3", 2, log_pb2.OUTCOME_ABORTED))
     assert log.oldest_ended_ms() == 9000
+
+
+def test_the_cheap_identity_is_the_events_identity() -> None:
+    samples = [
+        rec.start_saga("s", 1, DEF, b"p"),
+        rec.start_t("s", 1, "hotel", 3),
+        rec.end_t("s", 1, "hotel", b"H"),
+        rec.fail_t("s", 1, "hotel", "no"),
+        rec.abort_saga("s", 1, "why"),
+        rec.start_c("s", 1, "hotel", 2),
+        rec.end_c("s", 1, "hotel"),
+        rec.stuck("s", 1, "hotel", "still failing"),
+        rec.end_saga("s", 1, log_pb2.OUTCOME_ABORTED),
+    ]
+    for record in samples:
+        event = codec.to_event(record).event
+        assert event is not None
+        assert codec.identity(record) == event.identity, record
+    assert codec.identity(rec.epoch(1, "n1")) is None
