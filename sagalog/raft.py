@@ -115,6 +115,7 @@ def fail_stop(message: str) -> None:
 JOURNAL_COMPACT_BYTES = 64 * 1024 * 1024
 APPLY_BUDGET_S = 0.05  # longest run of applying before the Raft loop reads its sockets
 KEEPALIVE_S = 0.25  # well below connection_timeout_ms
+STALL_WARN_S = 0.15  # half the leader fallback: a stall this long is logged
 _KEEPALIVE = {"type": "keepalive"}  # a type pysyncobj does not know; never passed to it
 
 
@@ -389,6 +390,8 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         # The one follower truncation the AppendEntries being handled warrants.
         self._approved_deletion: int | None = None
         self._commit_floor = 0  # see _SyncObj__applyLogEntries
+        self._pulse = time.monotonic()  # when the Raft loop last started or ended a tick
+        self._stall_quiet_until = 0.0
         conf = raft_conf(
             timing,
             data_dir,
@@ -410,6 +413,30 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
 
     def _path(self, name: str) -> str:
         return os.path.join(self.data_dir, name)
+
+    # ---- the Raft loop's pulse -------------------------------------------------------
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N803 (pysyncobj's name)
+        start = time.monotonic()
+        between, self._pulse = start - self._pulse, start
+        try:
+            SyncObj._onTick(self, timeToWait)
+        finally:
+            end = self._pulse = time.monotonic()
+            self._report_stall(between, end - start, end)
+
+    def _report_stall(self, between: float, within: float, now: float) -> None:
+        """Say when the Raft loop stood still long enough to cost a leader its office."""
+        if max(between, within) < STALL_WARN_S or now < self._stall_quiet_until:
+            return
+        self._stall_quiet_until = now + 1.0
+        log.warning(
+            "raft loop stalled: %.0f ms before a tick, %.0f ms in it (%s; last applied %d)",
+            between * 1000,
+            within * 1000,
+            {0: "follower", 1: "candidate", 2: "leader"}.get(self._SyncObj__raftState, "?"),
+            self.raftLastApplied,
+        )
 
     # ---- the one replicated method -------------------------------------------------
 
