@@ -304,10 +304,7 @@ def _watch_gc() -> None:
         took = time.monotonic() - started[0]
         if took >= GC_WARN_S:
             log.warning(
-                "garbage collection of generation %d took %.0f ms (%d objects tracked)",
-                info["generation"],
-                took * 1000,
-                len(gc.get_objects()) if took > 0.2 else -1,
+                "garbage collection of generation %d took %.0f ms", info["generation"], took * 1000
             )
 
     gc.callbacks.append(callback)

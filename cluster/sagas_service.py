@@ -405,6 +405,13 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                 records = saga_log.records_from(saga_id, seq)
                 known = known or saga_log.saga_number(saga_id) is not None
                 ended = not records and saga_log.has_ended(saga_id)
+                purged = ended and saga_log.tombstone(saga_id) is not None
+            if purged:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"saga {saga_id!r} has ended and its records were purged by the "
+                    "retention policy; Get still answers",
+                )
             if ended:
                 return  # asked from past the saga's last record
             # A saga submitted through the leader may reach this node a little later.

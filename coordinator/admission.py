@@ -9,8 +9,10 @@ as in TCP congestion control and Netflix's concurrency-limits:
 
 * every UPDATE_S, the median latency (StartSaga to EndSaga) of the sagas that
   ended in that period is compared with the allowed latency: the larger of
-  LATENCY_FLOOR_S and TOLERANCE x the best latency of the last WINDOW_S (the
-  no-queue latency, which follows participants that are slow for good);
+  LATENCY_FLOOR_S and TOLERANCE x the best period median of the last WINDOW_S
+  (the no-queue latency, which follows participants that are slow for good; a
+  median, not the fastest saga, so that a few trivial sagas among slow ones do
+  not pin the limit at its minimum);
 * above it: the limit is cut (x DECREASE); well below it (half): it grows fast
   (x INCREASE); in between: slowly (+ sqrt); never beyond twice the sagas that
   were in flight in the period (an idle cluster does not bank a huge limit),
@@ -48,7 +50,8 @@ class AdmissionLimit:
         self._period_start = now
         self._samples: list[float] = []
         self._peak_in_flight = 0
-        # (period start, best latency in that period), oldest first
+        self._ended = 0  # sagas that ended this period, with or without a sample
+        # (period start, median latency of that period), oldest first
         self._best: deque[tuple[float, float]] = deque()
 
     def admits(self, in_flight: int) -> bool:
@@ -59,23 +62,30 @@ class AdmissionLimit:
             return LATENCY_FLOOR_S
         return max(LATENCY_FLOOR_S, TOLERANCE * min(best for _, best in self._best))
 
-    def on_ended(self, latency_s: float) -> None:
-        self._samples.append(max(0.0, latency_s))
+    def on_ended(self, latency_s: float | None) -> None:
+        """A saga ended; its latency when known (None: it started before this
+        coordinator took office, so its latency holds the failover)."""
+        self._ended += 1
+        if latency_s is not None:
+            self._samples.append(max(0.0, latency_s))
 
     def update(self, now: float, in_flight: int) -> None:
         """Call often (each driver turn); acts once per UPDATE_S."""
         self._peak_in_flight = max(self._peak_in_flight, in_flight)
         if now - self._period_start < UPDATE_S:
             return
-        samples, peak = self._samples, self._peak_in_flight
+        samples, peak, ended = self._samples, self._peak_in_flight, self._ended
         self._period_start, self._samples, self._peak_in_flight = now, [], in_flight
+        self._ended = 0
+        if ended < MIN_SAMPLES and peak >= self.limit * 0.9:
+            # Full, and (almost) nothing ends: sagas wait on participants, not on us.
+            self.limit = min(MAX_LIMIT, int(self.limit * INCREASE) + 1)
+            return
         if len(samples) < MIN_SAMPLES:
-            if peak >= self.limit * 0.9:  # full, and nothing ends: waiting on participants
-                self.limit = min(MAX_LIMIT, int(self.limit * INCREASE) + 1)
             return
         median = statistics.median(samples)
         allowed = self.allowed_latency_s()  # judged against the window before this period
-        self._best.append((now, min(samples)))
+        self._best.append((now, median))
         while self._best and self._best[0][0] < now - WINDOW_S:
             self._best.popleft()
         limit = self.limit

@@ -115,8 +115,8 @@ class Driver:
         self._timer_seq = 0
         self._proposals: dict[int, tuple[float, list[tuple]]] = {}
         self._proposal_seq = 0
-        self._outbox: list[tuple[log_pb2.Record, tuple]] = []  # (record, its identity)
-        self._outbox_since: float | None = None  # when the oldest waiting record came
+        # (record, its identity, when it was queued), oldest first
+        self._outbox: list[tuple[log_pb2.Record, tuple, float]] = []
         self._event_lag_s = 0.0  # see lag_s
         self._calls_in_flight = 0
         self._channels: dict[str, grpc.Channel] = {}
@@ -169,8 +169,10 @@ class Driver:
         """How far behind the coordinator is: the longest an event (a reply, an
         applied record) waited in the last turn, or the age of the oldest record
         waiting to be proposed. Submit refuses new sagas while it is high."""
-        outbox_since = self._outbox_since
-        outbox_age = time.monotonic() - outbox_since if outbox_since is not None else 0.0
+        try:  # read from gRPC threads while the driver's thread changes the outbox
+            outbox_age = time.monotonic() - self._outbox[0][2]
+        except IndexError:
+            outbox_age = 0.0
         return max(self._event_lag_s, outbox_age)
 
     def _post(self, event: tuple) -> None:
@@ -258,8 +260,10 @@ class Driver:
         run.pending.discard(_identity(record))
         if seq == run.view.next_seq:
             run.view.add(record)
-            if record.HasField("end_saga") and run.view.started_ms >= self._started_ms:
-                self.admission.on_ended((run.view.ended_ms - run.view.started_ms) / 1000)
+            if record.HasField("end_saga"):
+                view = run.view
+                fresh = view.started_ms >= self._started_ms  # started in this term
+                self.admission.on_ended((view.ended_ms - view.started_ms) / 1000 if fresh else None)
         elif seq > run.view.next_seq:  # a gap: read the saga again from the store
             self._load(saga_id)
             return
@@ -323,9 +327,7 @@ class Driver:
             identity = _identity(record)
             if identity not in run.pending:
                 run.pending.add(identity)
-                if not self._outbox:
-                    self._outbox_since = time.monotonic()
-                self._outbox.append((record, identity))
+                self._outbox.append((record, identity, time.monotonic()))
 
     def _maybe_crash(self, point: str) -> None:
         if self._crash_point == point:
@@ -371,13 +373,13 @@ class Driver:
             return  # kept; proposed once in office again, or dropped when stopped
         while self._outbox and len(self._proposals) < MAX_PROPOSALS_IN_FLIGHT:
             count, size = 0, 0
-            for record, _ in self._outbox[:MAX_RECORDS_PER_PROPOSAL]:
+            for record, _, _ in self._outbox[:MAX_RECORDS_PER_PROPOSAL]:
                 size += record.ByteSize() + 8
                 if count and size > MAX_PROPOSAL_BYTES:
                     break
                 count += 1
-            batch = [record for record, _ in self._outbox[:count]]
-            identities = [identity for _, identity in self._outbox[:count]]
+            batch = [record for record, _, _ in self._outbox[:count]]
+            identities = [identity for _, identity, _ in self._outbox[:count]]
             del self._outbox[:count]
             self._proposal_seq += 1
             pid = self._proposal_seq
@@ -389,8 +391,6 @@ class Driver:
                 self._post(("proposed", pid, result, reason))
 
             self._raft.apply_batch(codec.encode_batch(batch), callback=done)
-        if not self._outbox:
-            self._outbox_since = None
 
     def _proposed(self, pid: int, result: Any, reason: int) -> None:
         entry = self._proposals.pop(pid, None)

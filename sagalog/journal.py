@@ -274,6 +274,15 @@ class DurableJournal(Journal):
         """Length of the journal file, which is also about what its entries take in memory."""
         return self._end
 
+    def bytes_through(self, idx: int) -> int:
+        """Bytes of the entries up to and including index `idx` (what compacting
+        up to there could free)."""
+        if not self._entries or idx < self._entries[0][1]:
+            return 0
+        pos = idx - self._entries[0][1] + 1
+        end = self._end if pos >= len(self._entries) else self._offsets[pos]
+        return end - FILE_HEADER_SIZE
+
     @property
     def synced_length(self) -> int:
         """Length in bytes of the journal file as of the last fsync."""

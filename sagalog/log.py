@@ -58,9 +58,9 @@ TOMBSTONES = b"T"
 APPLIED_KEY = META + b"applied"
 EPOCH_KEY = META + b"epoch"
 NEXT_SAGA_KEY = META + b"next_saga"
-# The log's clock: the latest time_unix_ms of any accepted record. A saga
-# ends, for retention, no earlier than this, so a proposer that leaves the time at
-# 0 does not make a saga look 56 years old (and purged at once).
+# The log's clock: the latest time_unix_ms of any accepted record. An EndSaga
+# proposed without a time ends, for retention, at this time, not in 1970 (which
+# would purge it at once).
 CLOCK_KEY = META + b"clock"
 
 MAX_INCARNATION_BYTES = 64
@@ -247,7 +247,10 @@ class SagaLog:
         ops.append((RECORDS + number + _U32.pack(seq), codec.encode_record(record)))
         if saga.state.phase is Phase.ENDED:
             ops.append((IN_FLIGHT + number, None))
-            ops.append((ENDED + _u64(self._clock_ms) + number, b""))
+            # Its own time; the log's clock only when the proposer left it at 0 (a
+            # single far-future time must not hold retention up for every saga).
+            ended_ms = record.time_unix_ms if record.time_unix_ms > 0 else self._clock_ms
+            ops.append((ENDED + _u64(ended_ms) + number, b""))
         return log_pb2.RecordResult(verdict=ACCEPTED, seq=seq), next_saga
 
     def _purge(
@@ -280,7 +283,11 @@ class SagaLog:
             for record_key, _ in self.kv.scan(RECORDS + number):
                 ops.append((record_key, None))
             ops.append((TOMBSTONES + number, stone.SerializeToString(deterministic=True)))
-            self._cache.pop(saga_id, None)  # re-folded from the tombstone when needed
+            # Cached as purged now: a later record of this batch must see the saga as
+            # a replica that re-reads it from the store after this batch would.
+            outcome = codec.OUTCOMES[stone.outcome]
+            state = purged_state(stone.start_fingerprint, outcome, stone.records)
+            self._remember(saga_id, _Saga(_U64.unpack(number)[0], state))
             count += 1
         return log_pb2.RecordResult(verdict=ACCEPTED, purged=count)
 
@@ -323,10 +330,14 @@ class SagaLog:
                     outcome = codec.OUTCOMES[stone.outcome]
                     state = purged_state(stone.start_fingerprint, outcome, stone.records)
         saga = _Saga(number if number is not None else -1, state)
+        self._remember(saga_id, saga)
+        return saga
+
+    def _remember(self, saga_id: str, saga: _Saga) -> None:
         self._cache[saga_id] = saga
+        self._cache.move_to_end(saga_id)
         if len(self._cache) > STATE_CACHE_SIZE:
             self._cache.popitem(last=False)
-        return saga
 
     # ---- reads ---------------------------------------------------------------------
 

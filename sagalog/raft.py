@@ -16,8 +16,8 @@ What this module adds to pysyncobj, and why:
   behind the snapshot, and aligns the journal so a crash between writing the
   dump and compacting the journal loses nothing.
 * **A journal bounded in bytes**: the journal holds its entries in memory, and
-  pysyncobj compacts only by entry count. A snapshot is also due once the journal
-  passes JOURNAL_COMPACT_BYTES.
+  pysyncobj compacts only by entry count. A snapshot is also due once the applied
+  entries in the journal pass JOURNAL_COMPACT_BYTES.
 * **Raft's log-matching rule on followers** (`align_append_entries`). pysyncobj
   truncates everything after `prevLogIdx` on every AppendEntries, conflict or
   not. A stale or shorter AppendEntries (the leader pipelines, and resends from
@@ -604,7 +604,9 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
     # ---- snapshots -----------------------------------------------------------------
 
     def _SyncObj__tryLogCompaction(self) -> None:
-        if self._journal.size_bytes > JOURNAL_COMPACT_BYTES:
+        # Applied entries only: a snapshot covers no more, and a follower with a long
+        # unapplied backlog would otherwise snapshot again after every entry it applies.
+        if self._journal.bytes_through(self.raftLastApplied) > JOURNAL_COMPACT_BYTES:
             self._SyncObj__forceLogCompaction = True
         SyncObj._SyncObj__tryLogCompaction(self)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,10 @@ from pysyncobj.serializer import Serializer
 from sagalog.fsync import fsync_dir
 
 log = logging.getLogger(__name__)
+
+# After a failed snapshot (disk full, say), wait this long before the next attempt:
+# each attempt takes a checkpoint on the Raft thread.
+RETRY_AFTER_S = 30.0
 
 # What the start hook returns: writes the snapshot, durably, to the path it is given.
 Writer = Callable[[str], None]
@@ -76,25 +81,27 @@ class BackgroundSerializer(Serializer):  # type: ignore[misc]
         self._dump = fileName
         self._start = serializer
         self._job: _Job | None = None
+        self._retry_at = 0.0  # time.monotonic() before which no snapshot starts
 
     @property
     def building(self) -> bool:
         return self._job is not None
 
     def serialize(self, data: Any, id: int) -> None:  # noqa: A002 (pysyncobj's name)
-        if self._job is not None:
+        if self._job is not None or time.monotonic() < self._retry_at:
             return
         job = _Job(id=id, path=self._dump + ".building")
         try:
             write = self._start(data[1:])
+            job.thread = threading.Thread(
+                target=job.run, args=(write,), name="snapshot-writer", daemon=True
+            )
+            job.thread.start()
         except Exception:
             log.exception("snapshot at entry %d: could not start", id)
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
             return
-        job.thread = threading.Thread(
-            target=job.run, args=(write,), name="snapshot-writer", daemon=True
-        )
         self._job = job
-        job.thread.start()
 
     def checkSerializing(self) -> tuple[int, int | None]:
         job = self._job
@@ -110,9 +117,11 @@ class BackgroundSerializer(Serializer):  # type: ignore[misc]
         if job.error is not None:
             _remove(job.path)
             log.error("snapshot at entry %d failed: %s", job.id, job.error)
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
             return SERIALIZER_STATE.FAILED, job.id
         os.replace(job.path, self._dump)
         fsync_dir(os.path.dirname(os.path.abspath(self._dump)))
+        log.info("snapshot at entry %d written", job.id)
         return SERIALIZER_STATE.SUCCESS, job.id
 
     def cancel(self) -> None:

@@ -162,3 +162,26 @@ def test_slow_participants_raise_the_allowed_latency() -> None:
     low = a.limit
     run_periods(a, t, 10, 4.0, in_flight=a.limit)
     assert a.limit > low
+
+
+def test_a_few_fast_sagas_among_slow_ones_do_not_pin_the_limit() -> None:
+    """One saga in ten takes 20 ms, the rest 400 ms, nothing queued: not overload."""
+    a = AdmissionLimit(0.0, initial=1000)
+    t = 0.0
+    for _ in range(100):
+        for i in range(20):
+            a.on_ended(0.02 if i % 10 == 0 else 0.4)
+        t += admission.UPDATE_S
+        a.update(t, a.limit)
+    assert a.limit > 1000
+
+
+def test_resumed_sagas_count_as_ending_but_give_no_latency() -> None:
+    """After a failover the sagas that end started under the old leader: the limit
+    neither treats the cluster as stuck (growing without bound) nor judges latency."""
+    a = AdmissionLimit(0.0, initial=1000)
+    for period in range(1, 11):
+        for _ in range(50):
+            a.on_ended(None)
+        a.update(period * admission.UPDATE_S, 1000)
+    assert a.limit == 1000

@@ -482,3 +482,21 @@ def test_syncobj_commits_and_replays_through_durable_journal(
         assert journal2.getCurrentTerm() > journal.getCurrentTerm()
     finally:
         obj2.destroy()
+
+
+def test_bytes_through_counts_what_compaction_up_to_an_index_frees(
+    path: str, opened: list[DurableJournal]
+) -> None:
+    j = open_journal(path, opened)
+    assert j.bytes_through(5) == 0
+    for idx in range(1, 4):
+        j.add(b"x" * 10, idx, 1)
+    frame = ENTRY_HEADER_SIZE + 10
+    assert [j.bytes_through(i) for i in (0, 1, 2, 3, 9)] == [
+        0,
+        frame,
+        2 * frame,
+        3 * frame,
+        3 * frame,
+    ]
+    assert j.size_bytes == FILE_HEADER_SIZE + 3 * frame

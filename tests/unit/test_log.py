@@ -439,3 +439,16 @@ def test_the_cheap_identity_is_the_events_identity() -> None:
         assert event is not None
         assert codec.identity(record) == event.identity, record
     assert codec.identity(rec.epoch(1, "n1")) is None
+
+
+def test_a_record_after_a_purge_in_the_same_batch_sees_the_purged_saga() -> None:
+    """The cached state must not outlive the purge: replicas with and without the
+    saga cached, and one started after this batch, answer the same: the saga is
+    purged, so even a replay of its own EndT is refused, not a DUPLICATE."""
+    for cold in (False, True):
+        log = retention_log()
+        if cold:
+            log = SagaLog(log.kv)
+        result = apply_records(log, 6, rec.purge_ended(1500, 10), rec.end_t("s1", 1, "hotel"))
+        assert result.results[0].purged == 1
+        assert result.results[1].verdict == log_pb2.REJECTED, (cold, result.results[1])

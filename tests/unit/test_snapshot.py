@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from pysyncobj.config import SERIALIZER_STATE
 
+from sagalog import snapshot
 from sagalog.snapshot import BackgroundSerializer
 
 NOT_SERIALIZING = SERIALIZER_STATE.NOT_SERIALIZING
@@ -80,7 +81,7 @@ def test_snapshot_is_written_off_the_calling_thread_and_replaces_the_dump_on_che
     assert s.checkSerializing() == (NOT_SERIALIZING, None)
 
 
-def test_failed_write_leaves_the_old_dump(tmp_path: Any) -> None:
+def test_failed_write_leaves_the_old_dump_and_backs_off(tmp_path: Any, monkeypatch) -> None:
     hook = _Hook(fail=True)
     s, dump = _serializer(tmp_path, hook)
     s.serialize((None, "l", "p", "c"), 7)
@@ -89,6 +90,12 @@ def test_failed_write_leaves_the_old_dump(tmp_path: Any) -> None:
     assert s.checkSerializing() == (FAILED, 7)
     assert _read(dump) == b"old"
     assert not os.path.exists(dump + ".building")
+    s.serialize((None, "l", "p", "c"), 8)  # at once again: not yet
+    assert len(hook.started_with) == 1 and not s.building
+    monkeypatch.setattr(snapshot, "RETRY_AFTER_S", 0.0)
+    s._retry_at = 0.0  # the back-off has passed
+    s.serialize((None, "l", "p", "c"), 8)
+    assert len(hook.started_with) == 2
 
 
 def test_cancelled_snapshot_never_replaces_an_installed_one(tmp_path: Any) -> None:
