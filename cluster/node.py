@@ -31,7 +31,7 @@ from coordinator.admission import MAX_LIMIT
 from coordinator.driver import Driver
 from sagalog import codec
 from sagalog import records as rec
-from sagalog.log import SagaLog
+from sagalog.log import LOG_FORMAT, SagaLog
 from sagalog.proposer import ProposeError, Proposer
 from sagalog.raft import SagaLogRaft, fail_stop
 from sagalog.rocks import RocksKV
@@ -118,6 +118,7 @@ class Node:
         self._stopping = threading.Event()
         self._duties = threading.Thread(target=self._run_duties, name="duties", daemon=True)
         self.registered = False
+        self._log_format_current = False  # the log is at LOG_FORMAT (seen or made so)
         self.epoch_term = -1  # the Raft term in which this node last committed an Epoch
         self.epoch_number = 0  # the epoch it committed then
         self.driver: Driver | None = None
@@ -209,6 +210,8 @@ class Node:
                     term = self.raft.raftCurrentTerm
                     if term != self.epoch_term:
                         self._take_office(term)
+                    if self.in_office() and not self._log_format_current:
+                        self._upgrade_log_format()
             except ProposeError as exc:
                 log.debug("duty proposal failed, will retry: %s", exc)
             except Exception:
@@ -258,6 +261,23 @@ class Node:
         assert self.proposer is not None
         result = self.proposer.propose(codec.encode_batch([record]), timeout_s=2.0)
         return result.results[0]
+
+    def _upgrade_log_format(self) -> None:
+        """Move the log to this code's format, so that what follows is applied under
+        the new rules by every replica (each node of the cluster must run this code
+        first: an older node stops at the record rather than diverge)."""
+        assert self.raft is not None
+        with self.raft.reading() as saga_log:
+            current = saga_log.log_format()
+        if current >= LOG_FORMAT:
+            self._log_format_current = True
+            return
+        result = self._propose_one(rec.log_format(LOG_FORMAT, int(time.time() * 1000)))
+        if result.verdict == log_pb2.REJECTED:
+            log.error("LogFormat %d refused: %s", LOG_FORMAT, result.reason)
+        else:
+            self._log_format_current = True
+            log.info("log format %d -> %d", current, LOG_FORMAT)
 
     def _oldest_ended_ms(self) -> int | None:
         assert self.raft is not None

@@ -41,7 +41,7 @@ _KIND_OF_BODY = {
     "stuck": Kind.STUCK,
     "end_saga": Kind.END_SAGA,
 }
-CLUSTER_BODIES = frozenset({"epoch_start", "member", "forget_member", "purge_ended"})
+CLUSTER_BODIES = frozenset({"epoch_start", "member", "forget_member", "purge_ended", "log_format"})
 
 OUTCOMES = {log_pb2.OUTCOME_COMPLETED: Outcome.COMPLETED, log_pb2.OUTCOME_ABORTED: Outcome.ABORTED}
 

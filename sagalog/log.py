@@ -62,6 +62,11 @@ NEXT_SAGA_KEY = META + b"next_saga"
 # proposed without a time ends, for retention, at this time, not in 1970 (which
 # would purge it at once).
 CLOCK_KEY = META + b"clock"
+FORMAT_KEY = META + b"format"
+# The newest log format this code applies (see LogFormat in log.proto).
+# 2: the ended index (E keys), the log clock and PurgeEnded.
+LOG_FORMAT = 2
+RETENTION_FORMAT = 2
 
 MAX_INCARNATION_BYTES = 64
 # Sagas one PurgeEnded record may purge: bounds the work of one apply.
@@ -88,6 +93,11 @@ class _Saga:
     state: SagaState
 
 
+class LogFormatTooNew(Exception):
+    """The log asks for rules this code does not know: the node must stop, not
+    apply (a replica that applied a record differently would diverge)."""
+
+
 class SagaLog:
     """The Saga Log over a KV. Not thread-safe for writers: one thread applies
     (pysyncobj's); readers on other threads see each batch whole or not at all."""
@@ -96,6 +106,7 @@ class SagaLog:
         self.kv = kv
         self._cache: OrderedDict[str, _Saga] = OrderedDict()
         self._clock_ms = 0  # CLOCK_KEY while a batch is validated
+        self._format = 0  # FORMAT_KEY while a batch is validated
         # Called after each applied entry with (saga id, seq, record) of every saga
         # record it accepted. Runs on the applying thread: it must not block.
         self.listener: Callable[[list[tuple[str, int, log_pb2.Record]]], None] | None = None
@@ -137,6 +148,7 @@ class SagaLog:
         next_saga = self._next_saga_number()
         raw = self.kv.get(CLOCK_KEY)
         clock = self._clock_ms = _U64.unpack(raw)[0] if raw else 0
+        self._format = self.log_format()
         members: dict[str, bytes | None] = {}  # registry changes within this batch
         purged: set[bytes] = set()  # saga numbers purged within this batch
         for record in records:
@@ -147,14 +159,35 @@ class SagaLog:
                 res = self._member(record, members, ops)
             elif body == "purge_ended":
                 res = self._purge(record, purged, ops)
+            elif body == "log_format":
+                res = self._log_format(record, ops)
             else:
                 res, next_saga = self._saga_record(record, epoch.number, next_saga, ops)
             if res.verdict == ACCEPTED:
                 self._clock_ms = max(self._clock_ms, record.time_unix_ms)
             result.results.append(res)
         ops.append((NEXT_SAGA_KEY, _u64(next_saga)))
-        if self._clock_ms != clock:
+        if self._clock_ms != clock and self._format >= RETENTION_FORMAT:
             ops.append((CLOCK_KEY, _u64(self._clock_ms)))
+
+    def _log_format(
+        self, record: log_pb2.Record, ops: list[tuple[bytes, bytes | None]]
+    ) -> log_pb2.RecordResult:
+        version = record.log_format.version
+        if version > LOG_FORMAT:
+            raise LogFormatTooNew(
+                f"the log moves to format {version}; this node's code applies formats up "
+                f"to {LOG_FORMAT}: upgrade it"
+            )
+        if record.saga_id:
+            return _reject("LogFormat is a cluster record: the saga id must be empty")
+        if version == self._format:
+            return log_pb2.RecordResult(verdict=DUPLICATE)
+        if version < self._format:
+            return _reject(f"LogFormat {version}: the log is at format {self._format} already")
+        self._format = version
+        ops.append((FORMAT_KEY, _u64(version)))
+        return log_pb2.RecordResult(verdict=ACCEPTED)
 
     def _epoch(
         self, record: log_pb2.Record, current: log_pb2.Epoch, ops: list[tuple[bytes, bytes | None]]
@@ -247,6 +280,7 @@ class SagaLog:
         ops.append((RECORDS + number + _U32.pack(seq), codec.encode_record(record)))
         if saga.state.phase is Phase.ENDED:
             ops.append((IN_FLIGHT + number, None))
+        if saga.state.phase is Phase.ENDED and self._format >= RETENTION_FORMAT:
             # Its own time; the log's clock only when the proposer left it at 0 (a
             # single far-future time must not hold retention up for every saga).
             ended_ms = record.time_unix_ms if record.time_unix_ms > 0 else self._clock_ms
@@ -261,6 +295,10 @@ class SagaLog:
         Reads the store as of the batch's start, like every replica does: a saga
         that ended in this same batch is not in the ended index yet."""
         purge = record.purge_ended
+        if self._format < RETENTION_FORMAT:
+            return _reject(
+                f"PurgeEnded needs log format {RETENTION_FORMAT} (the log is at {self._format})"
+            )
         if record.saga_id:
             return _reject("PurgeEnded is a cluster record: the saga id must be empty")
         if not 0 < purge.max_sagas <= MAX_PURGE_PER_RECORD:
@@ -340,6 +378,10 @@ class SagaLog:
             self._cache.popitem(last=False)
 
     # ---- reads ---------------------------------------------------------------------
+
+    def log_format(self) -> int:
+        raw = self.kv.get(FORMAT_KEY)
+        return _U64.unpack(raw)[0] if raw else 1
 
     def applied_index(self) -> int:
         raw = self.kv.get(APPLIED_KEY)

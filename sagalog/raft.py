@@ -58,7 +58,7 @@ from sagalog.codec import MAX_BATCH_BYTES
 from sagalog.fsync import fsync_dir, fsync_file, fsync_tree
 from sagalog.journal import DurableJournal, Entry
 from sagalog.kv import StoreError
-from sagalog.log import SagaLog
+from sagalog.log import LogFormatTooNew, SagaLog
 from sagalog.rocks import RocksKV
 from sagalog.snapshot import BackgroundSerializer, Writer
 
@@ -448,6 +448,8 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             return self.saga_log.apply_batch(batch, index)
         except StoreError as exc:
             fail_stop(f"storage failure applying Raft entry {index}: {exc}")
+        except LogFormatTooNew as exc:
+            fail_stop(f"cannot apply Raft entry {index}: {exc}")
         except Exception:
             log.exception("bug: apply raised")
             fail_stop(f"unexpected error applying Raft entry {index}")

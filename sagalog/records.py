@@ -122,6 +122,10 @@ def purge_ended(ended_before_ms: int, max_sagas: int, time_ms: int = 0) -> log_p
     )
 
 
+def log_format(version: int, time_ms: int = 0) -> log_pb2.Record:
+    return log_pb2.Record(time_unix_ms=time_ms, log_format=log_pb2.LogFormat(version=version))
+
+
 def member(node_id: str, incarnation: bytes) -> log_pb2.Record:
     return log_pb2.Record(member=log_pb2.Member(node_id=node_id, incarnation=incarnation))
 

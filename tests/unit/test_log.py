@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -13,7 +14,7 @@ from saga.v1 import log_pb2
 from sagalog import codec
 from sagalog import records as rec
 from sagalog.kv import MemoryKV
-from sagalog.log import SagaLog
+from sagalog.log import LOG_FORMAT, LogFormatTooNew, SagaLog
 from sagalog.rocks import RocksKV
 from sagalog.transitions import SagaState, apply, decide
 
@@ -26,9 +27,10 @@ def apply_records(log: SagaLog, index: int, *records: log_pb2.Record) -> log_pb2
     return result
 
 
-def fresh() -> SagaLog:
+def fresh(log_format: int = LOG_FORMAT) -> SagaLog:
     log = SagaLog(MemoryKV())
-    assert apply_records(log, 1, rec.epoch(1, "n1")).results[0].verdict == log_pb2.ACCEPTED
+    result = apply_records(log, 1, rec.epoch(1, "n1"), rec.log_format(log_format))
+    assert result.results[0].verdict == log_pb2.ACCEPTED
     return log
 
 
@@ -452,3 +454,27 @@ def test_a_record_after_a_purge_in_the_same_batch_sees_the_purged_saga() -> None
         result = apply_records(log, 6, rec.purge_ended(1500, 10), rec.end_t("s1", 1, "hotel"))
         assert result.results[0].purged == 1
         assert result.results[1].verdict == log_pb2.REJECTED, (cold, result.results[1])
+
+
+def test_entries_before_the_log_format_record_keep_the_old_rules() -> None:
+    """A replica that catches up after an upgrade applies old entries as the
+    replicas that applied them before the upgrade did: no ended index, no clock,
+    no purge. From the LogFormat record on, every replica applies the new rules."""
+    log = fresh(log_format=1)  # format 1 is a DUPLICATE: the log starts there
+    ended_saga(log, 2, "s1", 1000)
+    assert log.oldest_ended_ms() is None
+    refused = apply_records(log, 3, rec.purge_ended(10_000, 10))
+    assert verdicts(refused) == [log_pb2.REJECTED] and "format" in refused.results[0].reason
+    moved = apply_records(log, 4, rec.log_format(2), rec.log_format(2), rec.log_format(1))
+    assert verdicts(moved) == [log_pb2.ACCEPTED, log_pb2.DUPLICATE, log_pb2.REJECTED]
+    assert log.log_format() == 2
+    ended_saga(log, 5, "s2", 2000)
+    assert log.oldest_ended_ms() == 2000  # only sagas ended under format 2 are indexed
+    assert apply_records(log, 6, rec.purge_ended(10_000, 10)).results[0].purged == 1
+    assert len(log.records("s1")) == 6 and log.records("s2") == []
+
+
+def test_a_node_too_old_for_the_log_format_stops_instead_of_diverging() -> None:
+    log = fresh()
+    with pytest.raises(LogFormatTooNew):
+        apply_records(log, 2, rec.log_format(LOG_FORMAT + 1))

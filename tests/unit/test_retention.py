@@ -30,7 +30,7 @@ class _Cluster:
         self.log = SagaLog(MemoryKV())
         self.index = 1
         self.proposals: list[log_pb2.Record] = []
-        self._apply([rec.epoch(1, "n1")])
+        self._apply([rec.epoch(1, "n1"), rec.log_format(2)])
         for i in range(ended):
             sid = f"s{i:05d}"
             self._apply(

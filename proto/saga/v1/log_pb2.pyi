@@ -167,7 +167,7 @@ class ForgetMember(_message.Message):
     def __init__(self, node_id: _Optional[str] = ...) -> None: ...
 
 class Record(_message.Message):
-    __slots__ = ("saga_id", "epoch", "time_unix_ms", "epoch_start", "start_saga", "start_t", "end_t", "fail_t", "abort_saga", "start_c", "end_c", "stuck", "end_saga", "member", "forget_member", "purge_ended")
+    __slots__ = ("saga_id", "epoch", "time_unix_ms", "epoch_start", "start_saga", "start_t", "end_t", "fail_t", "abort_saga", "start_c", "end_c", "stuck", "end_saga", "member", "forget_member", "purge_ended", "log_format")
     SAGA_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,7 @@ class Record(_message.Message):
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     FORGET_MEMBER_FIELD_NUMBER: _ClassVar[int]
     PURGE_ENDED_FIELD_NUMBER: _ClassVar[int]
+    LOG_FORMAT_FIELD_NUMBER: _ClassVar[int]
     saga_id: str
     epoch: int
     time_unix_ms: int
@@ -200,7 +201,14 @@ class Record(_message.Message):
     member: Member
     forget_member: ForgetMember
     purge_ended: PurgeEnded
-    def __init__(self, saga_id: _Optional[str] = ..., epoch: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., epoch_start: _Optional[_Union[Epoch, _Mapping]] = ..., start_saga: _Optional[_Union[StartSaga, _Mapping]] = ..., start_t: _Optional[_Union[StartT, _Mapping]] = ..., end_t: _Optional[_Union[EndT, _Mapping]] = ..., fail_t: _Optional[_Union[FailT, _Mapping]] = ..., abort_saga: _Optional[_Union[AbortSaga, _Mapping]] = ..., start_c: _Optional[_Union[StartC, _Mapping]] = ..., end_c: _Optional[_Union[EndC, _Mapping]] = ..., stuck: _Optional[_Union[Stuck, _Mapping]] = ..., end_saga: _Optional[_Union[EndSaga, _Mapping]] = ..., member: _Optional[_Union[Member, _Mapping]] = ..., forget_member: _Optional[_Union[ForgetMember, _Mapping]] = ..., purge_ended: _Optional[_Union[PurgeEnded, _Mapping]] = ...) -> None: ...
+    log_format: LogFormat
+    def __init__(self, saga_id: _Optional[str] = ..., epoch: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., epoch_start: _Optional[_Union[Epoch, _Mapping]] = ..., start_saga: _Optional[_Union[StartSaga, _Mapping]] = ..., start_t: _Optional[_Union[StartT, _Mapping]] = ..., end_t: _Optional[_Union[EndT, _Mapping]] = ..., fail_t: _Optional[_Union[FailT, _Mapping]] = ..., abort_saga: _Optional[_Union[AbortSaga, _Mapping]] = ..., start_c: _Optional[_Union[StartC, _Mapping]] = ..., end_c: _Optional[_Union[EndC, _Mapping]] = ..., stuck: _Optional[_Union[Stuck, _Mapping]] = ..., end_saga: _Optional[_Union[EndSaga, _Mapping]] = ..., member: _Optional[_Union[Member, _Mapping]] = ..., forget_member: _Optional[_Union[ForgetMember, _Mapping]] = ..., purge_ended: _Optional[_Union[PurgeEnded, _Mapping]] = ..., log_format: _Optional[_Union[LogFormat, _Mapping]] = ...) -> None: ...
+
+class LogFormat(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class PurgeEnded(_message.Message):
     __slots__ = ("ended_before_unix_ms", "max_sagas")
