@@ -27,6 +27,7 @@ from coordinator.definition import check_definition
 from coordinator.view import SagaView
 from sagalog import codec
 from sagalog import records as rec
+from sagalog.log import SagaLog
 from sagalog.proposer import ProposeError, Proposer
 from sagalog.transitions import Comp, Phase, Req
 
@@ -72,11 +73,13 @@ _SAGA_STATES = {
 }
 
 
+def ended_state(outcome: int) -> int:
+    return sagas_pb2.COMPLETED if outcome == log_pb2.OUTCOME_COMPLETED else sagas_pb2.ABORTED
+
+
 def saga_state(view: SagaView) -> int:
     if view.phase is Phase.ENDED:
-        if view.outcome == log_pb2.OUTCOME_COMPLETED:
-            return sagas_pb2.COMPLETED
-        return sagas_pb2.ABORTED
+        return ended_state(view.outcome)
     return _SAGA_STATES.get((view.phase, view.state.stuck), sagas_pb2.SAGA_STATE_UNSPECIFIED)
 
 
@@ -118,23 +121,25 @@ def saga_info(view: SagaView) -> sagas_pb2.SagaInfo:
     return info
 
 
-_ENDED_STATES = {
-    log_pb2.OUTCOME_COMPLETED: sagas_pb2.COMPLETED,
-    log_pb2.OUTCOME_ABORTED: sagas_pb2.ABORTED,
-}
-
-
 def purged_info(saga_id: str, stone: log_pb2.Tombstone) -> sagas_pb2.SagaInfo:
     """A saga whose records the retention policy removed: what its tombstone kept."""
     return sagas_pb2.SagaInfo(
         saga_id=saga_id,
-        state=_ENDED_STATES.get(stone.outcome, sagas_pb2.SAGA_STATE_UNSPECIFIED),  # type: ignore[arg-type]
+        state=ended_state(stone.outcome),  # type: ignore[arg-type]
         name=stone.name,
         abort_reason=stone.abort_reason,
         started_unix_ms=stone.started_unix_ms,
         ended_unix_ms=stone.ended_unix_ms,
         purged=True,
     )
+
+
+def _records_or_tombstone(
+    saga_log: SagaLog, saga_id: str
+) -> tuple[list[log_pb2.Record], log_pb2.Tombstone | None]:
+    """The saga's records; or, when retention purged them, its tombstone."""
+    records = saga_log.records(saga_id)
+    return records, None if records else saga_log.tombstone(saga_id)
 
 
 class SagasService(sagas_pb2_grpc.SagasServicer):
@@ -206,22 +211,29 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         if result.error:
             context.abort(grpc.StatusCode.INTERNAL, result.error)
 
-    def _view(self, saga_id: str, context: Any) -> SagaView:
+    def _read(
+        self, saga_id: str, context: Any
+    ) -> tuple[list[log_pb2.Record], log_pb2.Tombstone | None]:
+        """Records or tombstone of a saga that exists; INVALID_ARGUMENT or NOT_FOUND."""
         error = codec.check_saga_id(saga_id)
         if error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         with self._node.raft.reading() as saga_log:
-            records = saga_log.records(saga_id)
-            stone = None if records else saga_log.tombstone(saga_id)
+            records, stone = _records_or_tombstone(saga_log, saga_id)
+        if not records and stone is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no saga with id {saga_id!r}")
+        return records, stone
+
+    def _view(self, saga_id: str, context: Any) -> SagaView:
+        """The saga to change: FAILED_PRECONDITION when retention purged it."""
+        records, stone = self._read(saga_id, context)
         if stone is not None:
-            state = sagas_pb2.SagaState.Name(purged_info(saga_id, stone).state)
+            state = sagas_pb2.SagaState.Name(ended_state(stone.outcome))
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"saga {saga_id!r} has ended ({state}) and its records were purged "
                 "by the retention policy",
             )
-        if not records:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no saga with id {saga_id!r}")
         return SagaView.from_records(saga_id, records)
 
     # ---- writes ----------------------------------------------------------------------
@@ -338,14 +350,10 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         if forwarded is not None:
             return forwarded
         self._barrier(context)
-        error = codec.check_saga_id(request.saga_id)
-        if error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
-        with self._node.raft.reading() as saga_log:
-            stone = saga_log.tombstone(request.saga_id)
+        records, stone = self._read(request.saga_id, context)
         if stone is not None:
             return purged_info(request.saga_id, stone)
-        return saga_info(self._view(request.saga_id, context))
+        return saga_info(SagaView.from_records(request.saga_id, records))
 
     def List(self, request: Any, context: Any) -> sagas_pb2.ListReply:
         page_size = request.page_size or DEFAULT_PAGE_SIZE
@@ -365,8 +373,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             # One saga at a time under the store lock: a long List must not hold up
             # a snapshot install or the coordinator's reads.
             with self._node.raft.reading() as saga_log:
-                records = saga_log.records(saga_id)
-                stone = None if records else saga_log.tombstone(saga_id)
+                records, stone = _records_or_tombstone(saga_log, saga_id)
             if stone is not None:
                 info = purged_info(saga_id, stone)
                 state, name = info.state, info.name
