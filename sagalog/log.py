@@ -317,22 +317,22 @@ class SagaLog:
             name = self.kv.get(NAMES + number)
             assert name is not None, "an ended saga has no id"
             saga_id = name.decode()
-            stone = self._tombstone_of(number, record.time_unix_ms)
-            for record_key, _ in self.kv.scan(RECORDS + number):
-                ops.append((record_key, None))
+            stone = self._tombstone_of(number, record.time_unix_ms, ops)
             ops.append((TOMBSTONES + number, stone.SerializeToString(deterministic=True)))
             # Cached as purged now: a later record of this batch must see the saga as
             # a replica that re-reads it from the store after this batch would.
-            outcome = codec.OUTCOMES[stone.outcome]
-            state = purged_state(stone.start_fingerprint, outcome, stone.records)
-            self._remember(saga_id, _Saga(_U64.unpack(number)[0], state))
+            self._remember(saga_id, _Saga(_U64.unpack(number)[0], _tombstone_state(stone)))
             count += 1
         return log_pb2.RecordResult(verdict=ACCEPTED, purged=count)
 
-    def _tombstone_of(self, number: bytes, purged_ms: int) -> log_pb2.Tombstone:
+    def _tombstone_of(
+        self, number: bytes, purged_ms: int, ops: list[tuple[bytes, bytes | None]]
+    ) -> log_pb2.Tombstone:
+        """The saga's tombstone, folded from its records; their deletions go to `ops`."""
         stone = log_pb2.Tombstone(purged_unix_ms=purged_ms)
         state = SagaState()
-        for _, value in self.kv.scan(RECORDS + number):
+        for key, value in self.kv.scan(RECORDS + number):
+            ops.append((key, None))
             record = codec.decode_record(value)
             event = codec.to_event(record).event
             assert event is not None, "a stored record failed to decode"
@@ -365,8 +365,7 @@ class SagaLog:
             if state.next_seq == 0:
                 stone = self._tombstone(number)
                 if stone is not None:
-                    outcome = codec.OUTCOMES[stone.outcome]
-                    state = purged_state(stone.start_fingerprint, outcome, stone.records)
+                    state = _tombstone_state(stone)
         saga = _Saga(number if number is not None else -1, state)
         self._remember(saga_id, saga)
         return saga
@@ -483,6 +482,11 @@ class Digest:
     records: int
     sagas: int
     applied_index: int
+
+
+def _tombstone_state(stone: log_pb2.Tombstone) -> SagaState:
+    """What the rules know of a purged saga (see transitions.purged_state)."""
+    return purged_state(stone.start_fingerprint, codec.OUTCOMES[stone.outcome], stone.records)
 
 
 def _reject(reason: str) -> log_pb2.RecordResult:
