@@ -54,9 +54,6 @@ class AdmissionLimit:
         # (period start, median latency of that period), oldest first
         self._best: deque[tuple[float, float]] = deque()
 
-    def admits(self, in_flight: int) -> bool:
-        return in_flight < self.limit
-
     def allowed_latency_s(self) -> float:
         if not self._best:
             return LATENCY_FLOOR_S

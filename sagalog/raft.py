@@ -116,6 +116,7 @@ JOURNAL_COMPACT_BYTES = 64 * 1024 * 1024
 APPLY_BUDGET_S = 0.05  # longest run of applying before the Raft loop reads its sockets
 KEEPALIVE_S = 0.25  # well below connection_timeout_ms
 STALL_WARN_S = 0.15  # half the leader fallback: a stall this long is logged
+_ROLES = {0: "follower", 1: "candidate", 2: "leader"}  # pysyncobj's _RAFT_STATE, for logs
 _KEEPALIVE = {"type": "keepalive"}  # a type pysyncobj does not know; never passed to it
 
 
@@ -434,7 +435,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             "raft loop stalled: %.0f ms before a tick, %.0f ms in it (%s; last applied %d)",
             between * 1000,
             within * 1000,
-            {0: "follower", 1: "candidate", 2: "leader"}.get(self._SyncObj__raftState, "?"),
+            _ROLES.get(self._SyncObj__raftState, "?"),
             self.raftLastApplied,
         )
 
@@ -458,7 +459,6 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
     def _state_changed(self, old: int, new: int) -> None:
         """Log every role change; a leader stepping down says how long ago each peer
         last answered (its fallback fires when no majority answered in time)."""
-        names = {0: "follower", 1: "candidate", 2: "leader"}
         detail = ""
         if old == 2:
             now = raft_clock()
@@ -467,8 +467,8 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             detail = f"; last answers: {ages}"
         log.info(
             "raft %s -> %s in term %d%s",
-            names.get(old, old),
-            names.get(new, new),
+            _ROLES.get(old, old),
+            _ROLES.get(new, new),
             self.raftCurrentTerm,
             detail,
         )

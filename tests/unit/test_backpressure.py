@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from types import SimpleNamespace
-from typing import Any
 
 import grpc
 import pytest
 from saga.v1 import sagas_pb2
+from test_driver_lease import FakeRaft
 
 from cluster.sagas_service import MAX_COORDINATOR_LAG_S, SagasService
 from coordinator import admission
@@ -17,19 +17,8 @@ from coordinator.driver import Driver
 from sagalog import records as rec
 
 
-class _Raft:
-    def __init__(self) -> None:
-        self.callbacks: list[Any] = []
-
-    def apply_batch(self, batch: bytes, callback: Any) -> None:
-        self.callbacks.append(callback)
-
-    def majority_heard_within(self, seconds: float) -> bool:
-        return True
-
-
 def test_the_driver_reports_how_long_events_waited_for_it() -> None:
-    driver = Driver(_Raft(), epoch=1, node_id="n1")
+    driver = Driver(FakeRaft(), epoch=1, node_id="n1")
     driver._next_sweep = float("inf")  # no store behind this fake
     assert driver.lag_s() == 0.0
     driver._events.put((time.monotonic() - 0.8, ("wake",)))  # posted 0.8 s ago
