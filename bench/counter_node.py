@@ -40,7 +40,7 @@ import grpc
 from pysyncobj import FAIL_REASON, SyncObj, replicated
 from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
-from cluster.config import DEFAULT_GRPC_WORKERS, Peer
+from cluster.config import DEFAULT_GRPC_WORKERS, Peer, read_secret
 from sagalog import codec
 from sagalog.journal import DurableJournal
 from sagalog.proposer import DEFAULT_MAX_IN_FLIGHT
@@ -72,7 +72,12 @@ class CounterRaft(SyncObj):  # type: ignore[misc]
     value = 0
 
     def __init__(
-        self, self_addr: str, peer_addrs: list[str], data_dir: str, timing: RaftTiming
+        self,
+        self_addr: str,
+        peer_addrs: list[str],
+        data_dir: str,
+        timing: RaftTiming,
+        password: str | None,
     ) -> None:
         timing.validate()
         os.makedirs(data_dir, exist_ok=True)
@@ -80,7 +85,10 @@ class CounterRaft(SyncObj):  # type: ignore[misc]
         self._journal = DurableJournal(os.path.join(data_dir, "journal"))
         with _durable_journal(self._journal):
             super().__init__(
-                self_addr, peer_addrs, raft_conf(timing, data_dir), transportClass=_SyncingTransport
+                self_addr,
+                peer_addrs,
+                raft_conf(timing, data_dir, self_addr, password=password),
+                transportClass=_SyncingTransport,
             )
 
     @replicated
@@ -177,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", required=True, metavar="DIR")
     p.add_argument("--peer", action="append", default=[], metavar="ID=RAFT,GRPC")
     p.add_argument("--config", help="TOML file; only its [timing] table is read")
+    p.add_argument("--raft-password-file", metavar="FILE", help="as sagalog-node's")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -201,8 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         log.critical("cannot listen on --grpc-addr %s", args.grpc_addr)
         return 78
     server.start()
+    password = read_secret(args.raft_password_file) if args.raft_password_file else None
     raft = CounterRaft(
-        args.raft_addr, [peer.raft_addr for peer in peers], args.data_dir, _timing(args.config)
+        args.raft_addr,
+        [peer.raft_addr for peer in peers],
+        args.data_dir,
+        _timing(args.config),
+        password,
     )
     service.attach(raft)
     log.info("counter %s: raft %s, grpc %s", args.id, args.raft_addr, args.grpc_addr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -47,7 +48,11 @@ class NodeConfig:
     """Every other node of the cluster (2 or 4 of them)."""
     raft_password: str | None = None
     """Shared secret: pysyncobj encrypts and authenticates Raft traffic with it.
-    Without it Raft messages are pickles that anyone reaching the port can forge."""
+    Without it Raft messages are pickles that anyone reaching the port can forge,
+    so a node refuses to start without one unless `insecure_raft` is set."""
+    insecure_raft: bool = False
+    """Run Raft without a password. Accepted only when this node's and every peer's
+    Raft address is loopback (only processes on this machine can reach them)."""
     timing: RaftTiming = field(default_factory=RaftTiming)
     """Raft timers (see sagalog.raft.RaftTiming)."""
     propose_timeout_ms: int = 5000
@@ -96,6 +101,19 @@ class NodeConfig:
             )
         if self.raft_password is not None and len(self.raft_password) < 8:
             raise ValueError("the Raft password must be at least 8 characters")
+        if self.raft_password is None and not self.insecure_raft:
+            raise ValueError(
+                "a Raft password is required (--raft-password-file FILE): Raft traffic is "
+                "pickled, and anyone who can reach the port could run code in this node; "
+                "--insecure-raft runs without one, on loopback addresses only"
+            )
+        if self.raft_password is None:
+            exposed = [a for a in raft_addrs if not is_loopback(a)]
+            if exposed:
+                raise ValueError(
+                    f"--insecure-raft is accepted only on loopback Raft addresses, not {exposed}: "
+                    "give --raft-password-file"
+                )
         for name in ("propose_timeout_ms", "max_in_flight_proposals", "grpc_workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -112,6 +130,18 @@ def _check_addr(name: str, addr: str) -> None:
     port = int(addr.rsplit(":", 1)[1])
     if not 0 < port < 65536:
         raise ValueError(f"{name} {addr!r}: port out of range")
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether HOST:PORT names this machine's loopback interface (127.0.0.0/8,
+    ::1 or localhost), the only addresses no other machine can reach."""
+    host = addr.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,7 +161,16 @@ def parser() -> argparse.ArgumentParser:
         metavar="ID=RAFT_HOST:PORT,GRPC_HOST:PORT",
         help="another node; once per other node",
     )
-    p.add_argument("--raft-password-file", metavar="FILE", help="file holding the Raft secret")
+    p.add_argument(
+        "--raft-password-file",
+        metavar="FILE",
+        help="file holding the Raft secret (required unless --insecure-raft)",
+    )
+    p.add_argument(
+        "--insecure-raft",
+        action="store_true",
+        help="run Raft unauthenticated; accepted only when every Raft address is loopback",
+    )
     p.add_argument("--fault-file", metavar="FILE", help="testing aid: Raft link faults (JSON)")
     p.add_argument(
         "--ended-retention-s",
@@ -162,7 +201,7 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
         values.update(doc)
         values["peers"] = tuple(Peer(**p) for p in peers)
         if "raft_password_file" in values:
-            values["raft_password"] = _read_secret(values.pop("raft_password_file"))
+            values["raft_password"] = read_secret(values.pop("raft_password_file"))
     for flag in ("id", "raft_addr", "grpc_addr", "data_dir"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
@@ -175,7 +214,9 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
     if args.no_coordinator:
         values["coordinator"] = False
     if args.raft_password_file:
-        values["raft_password"] = _read_secret(args.raft_password_file)
+        values["raft_password"] = read_secret(args.raft_password_file)
+    if args.insecure_raft:
+        values["insecure_raft"] = True
     missing = [f for f in ("id", "raft_addr", "grpc_addr", "data_dir") if f not in values]
     if missing:
         raise ValueError("missing: " + ", ".join("--" + m.replace("_", "-") for m in missing))
@@ -190,7 +231,8 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
     return config, args.log_level
 
 
-def _read_secret(path: str) -> str:
+def read_secret(path: str) -> str:
+    """The Raft password held in `path` (surrounding whitespace stripped)."""
     with open(path, encoding="utf-8") as f:
         secret = f.read().strip()
     if not secret:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -39,6 +40,17 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def write_secret(path: str, secret: str) -> str:
+    """Write `secret` to `path`, created with mode 0600 (never readable by others,
+    not even for a moment); returns `path`."""
+    if os.path.exists(path):
+        os.remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    return path
 
 
 def stop_processes(procs: Iterable[subprocess.Popen], timeout_s: float) -> None:
@@ -91,12 +103,11 @@ class LocalCluster:
         os.makedirs(self.base_dir, exist_ok=True)
         self.timing = timing
         self.settings = settings or {}  # NodeConfig fields, e.g. compaction_min_entries
-        self.password_file = None
-        if password is not None:
-            self.password_file = os.path.join(self.base_dir, "raft.secret")
-            with open(self.password_file, "w") as f:
-                f.write(password)
-            os.chmod(self.password_file, 0o600)
+        # Every cluster gets a Raft password, local ones included (a random one per
+        # cluster unless given), readable only by the user that starts it.
+        self.password_file = write_secret(
+            os.path.join(self.base_dir, "raft.secret"), password or secrets.token_urlsafe(32)
+        )
         self.extra_args = extra_args
         ports = free_ports(2 * nodes, host)
         self.specs = {
@@ -138,8 +149,7 @@ class LocalCluster:
         for other in self.specs.values():
             if other.id != node_id:
                 cmd += ["--peer", f"{other.id}={other.raft_addr},{other.grpc_addr}"]
-        if self.password_file:
-            cmd += ["--raft-password-file", self.password_file]
+        cmd += ["--raft-password-file", self.password_file]
         if node_id in self.fault_files:
             cmd += ["--fault-file", self.fault_files[node_id]]
         if self.timing is not None or self.settings:

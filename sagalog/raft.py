@@ -303,14 +303,19 @@ def align_append_entries(journal: Sequence[Entry], message: dict[str, Any]) -> i
 def raft_conf(
     timing: RaftTiming,
     data_dir: str,
+    bind_addr: str,
     password: str | None = None,
     compaction_min_entries: int = 50_000,
     **hooks: Any,
 ) -> SyncObjConf:
     """The pysyncobj configuration of a Saga Log node (and of the bench's bare
-    counter, which must run with exactly the same settings)."""
+    counter, which must run with exactly the same settings).
+
+    `bind_addr` is the node's own Raft HOST:PORT: without it pysyncobj listens on
+    every interface (0.0.0.0), whatever host the node's address names."""
     return SyncObjConf(
         password=password,
+        bindAddress=bind_addr,
         autoTickPeriod=timing.tick_ms / 1000,
         appendEntriesPeriod=timing.append_period_ms / 1000,
         raftMinTimeout=timing.election_min_ms / 1000,
@@ -396,6 +401,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         conf = raft_conf(
             timing,
             data_dir,
+            self_addr,
             password=password,
             compaction_min_entries=compaction_min_entries,
             serializer=self._start_snapshot,

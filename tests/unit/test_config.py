@@ -6,6 +6,7 @@ import pytest
 
 from cluster.config import from_args
 
+INSECURE = ["--insecure-raft"]  # loopback addresses: allowed without a password
 BASE = [
     "--id", "n1",
     "--raft-addr", "127.0.0.1:7001",
@@ -13,7 +14,16 @@ BASE = [
     "--data-dir", "/tmp/x",
     "--peer", "n2=127.0.0.1:7002,127.0.0.1:8002",
     "--peer", "n3=127.0.0.1:7003,127.0.0.1:8003",
+    *INSECURE,
 ]  # fmt: skip
+
+
+def _node(raft_addr: str, *peers: str) -> list[str]:
+    argv = ["--id", "n1", "--raft-addr", raft_addr, "--grpc-addr", "127.0.0.1:8001"]
+    argv += ["--data-dir", "/tmp/x"]
+    for peer in peers:
+        argv += ["--peer", peer]
+    return argv
 
 
 def test_flags_make_a_valid_config() -> None:
@@ -37,7 +47,7 @@ def test_bad_flags_get_clear_errors(change, needle) -> None:
 
 def test_cluster_size_is_three_or_five() -> None:
     with pytest.raises(ValueError, match="3 or 5"):
-        from_args(BASE[:8] + ["--peer", "n2=127.0.0.1:7002,127.0.0.1:8002"])
+        from_args(BASE[:8] + ["--peer", "n2=127.0.0.1:7002,127.0.0.1:8002"] + INSECURE)
 
 
 def test_config_file_with_timing_and_flags_override(tmp_path) -> None:
@@ -77,3 +87,38 @@ def test_timing_that_pysyncobj_would_reject_is_refused_early(tmp_path) -> None:
     conf.write_text("[timing]\nelection_min_ms = 50\nappend_period_ms = 25\n")
     with pytest.raises(ValueError, match="3 x append_period_ms"):
         from_args(["--config", str(conf)] + BASE)
+
+
+def test_a_node_refuses_to_start_without_a_raft_password() -> None:
+    without = [a for a in BASE if a not in INSECURE]
+    with pytest.raises(ValueError, match="--raft-password-file"):
+        from_args(without)
+
+
+@pytest.mark.parametrize(
+    "addr,peer",
+    [
+        ("10.0.0.1:7001", "n2=127.0.0.1:7002,127.0.0.1:8002"),  # this node exposed
+        ("127.0.0.1:7001", "n2=192.168.1.2:7002,127.0.0.1:8002"),  # a peer exposed
+        ("127.0.0.1:7001", "n2=db.example.com:7002,127.0.0.1:8002"),  # a name, not loopback
+    ],
+)
+def test_insecure_raft_only_on_loopback(addr, peer) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        from_args(_node(addr, peer, "n3=127.0.0.1:7003,10.0.0.3:8003") + INSECURE)
+
+
+def test_insecure_raft_accepts_every_loopback_form() -> None:
+    argv = _node(
+        "localhost:7001", "n2=127.0.0.2:7002,127.0.0.1:8002", "n3=[::1]:7003,127.0.0.1:8003"
+    )
+    config, _ = from_args(argv + INSECURE)
+    assert config.insecure_raft and config.raft_password is None
+
+
+def test_a_password_file_allows_any_address(tmp_path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("a long enough secret\n")
+    argv = _node("10.0.0.1:7001", "n2=10.0.0.2:7002,10.0.0.2:8002", "n3=10.0.0.3:7003,x:1")
+    config, _ = from_args(argv + ["--raft-password-file", str(secret)])
+    assert config.raft_password == "a long enough secret" and not config.insecure_raft
