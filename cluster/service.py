@@ -13,6 +13,7 @@ from sagalog import codec
 from sagalog import records as rec
 from sagalog.proposer import ProposeError, Proposer
 from sagalog.raft import SagaLogRaft
+from sagalog.readindex import ReadRefused
 
 # ProposeError.code -> gRPC status. One table: callers decide retries from the code.
 PROPOSE_ERROR_CODES = {
@@ -29,6 +30,9 @@ PROPOSE_ERROR_CODES = {
 }
 
 MAX_PROPOSE_TIMEOUT_MS = 60_000
+# A leader confirms its leadership within a heartbeat round (milliseconds); one
+# that cannot within this is cut off or deposed, and the reader tries elsewhere.
+READ_INDEX_TIMEOUT_S = 2.0
 
 _ROLES = {0: cluster_pb2.FOLLOWER, 1: cluster_pb2.CANDIDATE, 2: cluster_pb2.LEADER}
 
@@ -148,6 +152,18 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         if not records:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no saga {request.saga_id!r} on this node")
         return cluster_pb2.ReadSagaReply(records=records)
+
+    def ReadIndex(self, request: Any, context: Any) -> cluster_pb2.ReadIndexReply:
+        raft, _ = self._started(context)
+        if not self._in_office():
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self._config.id} is not in office")
+        remaining = context.time_remaining()
+        timeout_s = min(READ_INDEX_TIMEOUT_S, remaining if remaining is not None else 1e9)
+        try:
+            return cluster_pb2.ReadIndexReply(index=raft.read_index(timeout_s))
+        except (ReadRefused, TimeoutError) as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot confirm leadership: {exc}")
+            raise
 
     def ForgetMember(self, request: Any, context: Any) -> cluster_pb2.ForgetMemberReply:
         if request.node_id == self._config.id:

@@ -26,6 +26,9 @@ What this module adds to pysyncobj, and why:
   node in that window and a committed entry is gone (seen as diverged replicas
   after a whole-cluster restart). Messages are rewritten so that pysyncobj only
   deletes an entry that really conflicts with the leader's.
+* **ReadIndex** (`sagalog.readindex`): AppendEntries carry a read round that
+  followers echo in their answers, so a leader confirms that it still leads with
+  one heartbeat round shared by every read waiting, instead of a log entry per read.
 * **Fail-stop**: a local storage failure or a bug inside apply ends the process.
   (An exception raised inside a replicated method would be retried on every tick
   and freeze the cluster; skipping the entry would diverge this replica.)
@@ -59,6 +62,7 @@ from sagalog.fsync import fsync_dir, fsync_file, fsync_tree
 from sagalog.journal import DurableJournal, Entry
 from sagalog.kv import StoreError
 from sagalog.log import LogFormatTooNew, SagaLog
+from sagalog.readindex import PendingRead, ReadRefused, ReadRounds
 from sagalog.rocks import RocksKV
 from sagalog.snapshot import BackgroundSerializer, Writer
 
@@ -118,6 +122,7 @@ KEEPALIVE_S = 0.25  # well below connection_timeout_ms
 STALL_WARN_S = 0.15  # half the leader fallback: a stall this long is logged
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}  # pysyncobj's _RAFT_STATE, for logs
 _KEEPALIVE = {"type": "keepalive"}  # a type pysyncobj does not know; never passed to it
+READ_ROUND = "read_round"  # our field in AppendEntries and their answers; pysyncobj ignores it
 
 
 class _SyncingTransport(TCPTransport):
@@ -139,9 +144,17 @@ class _SyncingTransport(TCPTransport):
         path = getattr(syncObj, "_fault_file", None)
         self._faults = LinkFaults(path) if path else None
         self._next_keepalive = 0.0
+        self._echo_round: dict[Any, int] = {}  # peer -> round of its last AppendEntries
 
     def send(self, node: Any, message: Any) -> bool:
         self._syncObj._journal.sync()
+        kind = message.get("type")
+        reads = getattr(self._syncObj, "_reads", None)  # SagaLogRaft's (not the bench's)
+        if kind == "append_entries" and reads is not None:
+            message[READ_ROUND] = reads.sent
+        elif kind == "next_node_idx":
+            # The answer to the AppendEntries being handled: echo its round.
+            message[READ_ROUND] = self._echo_round.get(node, 0)
         if self._faults is not None and not self._faults.outgoing(node, message):
             return True  # dropped or delayed: to the sender it looks sent
         return bool(super().send(node, message))
@@ -149,11 +162,18 @@ class _SyncingTransport(TCPTransport):
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         if self._faults is not None and self._faults.blocks_from(node):
             return
-        if message.get("type") == "keepalive":
+        kind = message.get("type")
+        if kind == "keepalive":
             return
-        align = getattr(self._syncObj, "_align_append_entries", None)  # SagaLogRaft's
-        if align is not None and message.get("type") == "append_entries":
-            align(message)
+        if kind == "append_entries":
+            self._echo_round[node] = message.get(READ_ROUND, 0)
+            align = getattr(self._syncObj, "_align_append_entries", None)  # SagaLogRaft's
+            if align is not None:
+                align(message)
+        elif kind == "next_node_idx" and READ_ROUND in message:
+            answered = getattr(self._syncObj, "_read_round_answered", None)
+            if answered is not None:
+                answered(node, message[READ_ROUND])
         super()._onMessageReceived(node, message)
 
     def _onTick(self) -> None:
@@ -396,6 +416,14 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         # The one follower truncation the AppendEntries being handled warrants.
         self._approved_deletion: int | None = None
         self._commit_floor = 0  # see _SyncObj__applyLogEntries
+        self._reads = ReadRounds()
+        # The last entry applied to the store (raftLastApplied moves only after
+        # apply_batch returns); readers wait on the condition for it to pass an index.
+        self._applied = threading.Condition()
+        self._applied_index = self.saga_log.applied_index()
+        self._applied_waiters = 0
+        # Called on the Raft thread after a snapshot replaced the store wholesale.
+        self.on_store_replaced: Callable[[], None] | None = None
         self._pulse = time.monotonic()  # when the Raft loop last started or ended a tick
         self._stall_quiet_until = 0.0
         conf = raft_conf(
@@ -427,6 +455,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         start = time.monotonic()
         between, self._pulse = start - self._pulse, start
         try:
+            self._start_read_round()
             SyncObj._onTick(self, timeToWait)
         finally:
             end = self._pulse = time.monotonic()
@@ -452,7 +481,9 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         """Apply an encoded RecordBatch; returns an encoded BatchResult. Never raises."""
         index = self.raftLastApplied + 1
         try:
-            return self.saga_log.apply_batch(batch, index)
+            result = self.saga_log.apply_batch(batch, index)
+            self._set_applied(index)
+            return result
         except StoreError as exc:
             fail_stop(f"storage failure applying Raft entry {index}: {exc}")
         except LogFormatTooNew as exc:
@@ -589,6 +620,54 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             clearJournal = False
         SyncObj._SyncObj__loadDumpFile(self, clearJournal)
 
+    # ---- ReadIndex -------------------------------------------------------------------
+
+    def _start_read_round(self) -> None:
+        """Raft thread: if reads wait for a round, start it with this tick's
+        AppendEntries (sent at once, not at the next heartbeat)."""
+        if self._SyncObj__raftState != 2:  # type: ignore[has-type]
+            self._reads.refuse_all("this node is not the leader")
+            return
+        self._reads.refuse_other_terms(self.raftCurrentTerm, "the term changed")
+        if self._reads.round_wanted():
+            self._reads.start_round()
+            self._SyncObj__newAppendEntriesTime = 0.0
+
+    def _read_round_answered(self, node: Any, round_: int) -> None:
+        """Raft thread: a follower answered an AppendEntries of round `round_`."""
+        if self._SyncObj__raftState == 2:  # type: ignore[has-type]
+            voters = self._SyncObj__otherNodes  # configured voters only, never read-only peers
+            self._reads.answered(node, round_, voters, self.raftCurrentTerm)
+
+    def read_index(self, timeout_s: float) -> int:
+        """Leader only, any thread: an index such that every write acknowledged
+        before this call is at or below it, once this node has confirmed that it
+        still leads. ReadRefused when it does not; TimeoutError."""
+        if self._SyncObj__raftState != 2:  # type: ignore[has-type]
+            raise ReadRefused("this node is not the leader")
+        read: PendingRead = self._reads.request(self.raftCommitIndex, self.raftCurrentTerm)
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            notifier.notify()  # wake the Raft loop now rather than at its next tick
+        return read.wait(timeout_s)
+
+    def _set_applied(self, index: int) -> None:
+        self._applied_index = index
+        if self._applied_waiters:
+            with self._applied:
+                self._applied.notify_all()
+
+    def wait_applied(self, index: int, timeout_s: float) -> bool:
+        """Block until this node's store holds every entry up to `index`."""
+        if self._applied_index >= index:
+            return True
+        with self._applied:
+            self._applied_waiters += 1
+            try:
+                return self._applied.wait_for(lambda: self._applied_index >= index, timeout_s)
+            finally:
+                self._applied_waiters -= 1
+
     # ---- reads from other threads --------------------------------------------------
 
     def majority_heard_within(self, seconds: float) -> bool:
@@ -680,6 +759,9 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             listener = self.saga_log.listener
             self.saga_log = SagaLog(self._kv)
             self.saga_log.listener = listener
+        self._set_applied(self.saga_log.applied_index())
+        if self.on_store_replaced is not None:
+            self.on_store_replaced()
         log.info("installed snapshot at index %d", self.saga_log.applied_index())
 
     def close(self) -> None:

@@ -125,3 +125,13 @@ class ForgetMemberReply(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     result: _log_pb2.RecordResult
     def __init__(self, result: _Optional[_Union[_log_pb2.RecordResult, _Mapping]] = ...) -> None: ...
+
+class ReadIndexRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReadIndexReply(_message.Message):
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    def __init__(self, index: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class ClusterStub:
                 request_serializer=saga_dot_v1_dot_cluster__pb2.ReadSagaRequest.SerializeToString,
                 response_deserializer=saga_dot_v1_dot_cluster__pb2.ReadSagaReply.FromString,
                 _registered_method=True)
+        self.ReadIndex = channel.unary_unary(
+                '/saga.v1.Cluster/ReadIndex',
+                request_serializer=saga_dot_v1_dot_cluster__pb2.ReadIndexRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_cluster__pb2.ReadIndexReply.FromString,
+                _registered_method=True)
         self.ForgetMember = channel.unary_unary(
                 '/saga.v1.Cluster/ForgetMember',
                 request_serializer=saga_dot_v1_dot_cluster__pb2.ForgetMemberRequest.SerializeToString,
@@ -94,6 +99,16 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadIndex(self, request, context):
+        """Leader only: an index covering every write acknowledged before this call,
+        once the leader has confirmed it still leads (one heartbeat round shared by
+        every read waiting). A follower serving a linearizable read asks for it, waits
+        until it has applied that index, and answers from its own store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ForgetMember(self, request, context):
         """Forget a node's registered incarnation so that a node whose data directory
         was wiped may rejoin (see README, "Re-adding a wiped node").
@@ -124,6 +139,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.ReadSaga,
                     request_deserializer=saga_dot_v1_dot_cluster__pb2.ReadSagaRequest.FromString,
                     response_serializer=saga_dot_v1_dot_cluster__pb2.ReadSagaReply.SerializeToString,
+            ),
+            'ReadIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadIndex,
+                    request_deserializer=saga_dot_v1_dot_cluster__pb2.ReadIndexRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_cluster__pb2.ReadIndexReply.SerializeToString,
             ),
             'ForgetMember': grpc.unary_unary_rpc_method_handler(
                     servicer.ForgetMember,
@@ -239,6 +259,33 @@ class Cluster:
             '/saga.v1.Cluster/ReadSaga',
             saga_dot_v1_dot_cluster__pb2.ReadSagaRequest.SerializeToString,
             saga_dot_v1_dot_cluster__pb2.ReadSagaReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.Cluster/ReadIndex',
+            saga_dot_v1_dot_cluster__pb2.ReadIndexRequest.SerializeToString,
+            saga_dot_v1_dot_cluster__pb2.ReadIndexReply.FromString,
             options,
             channel_credentials,
             insecure,
