@@ -1,13 +1,17 @@
 """The Python client library for a saga cluster.
 
-    client = SagaClient(["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"])
-    saga_id = client.submit(definition, payload=b"...")
-    info = client.wait_for_end(saga_id)
+    with SagaClient(["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"]) as client:
+        info = client.run(definition, payload=b"...")      # submit, wait for the end
+        saga_id = client.submit(definition, payload=b"...")  # or in two steps
+        info = client.wait_for_end(saga_id)
 
-Any node answers any call (followers forward to the leader), so the client only
-needs to reach one node; it tries the others when one is unavailable. Submit
-always sends its own saga id, so a retry after a lost answer can never create a
-second saga: the cluster answers the retry with the saga the first try created.
+Any node answers any call (followers forward writes to the leader and answer
+reads and waits themselves), so the client only needs to reach one node; it
+tries the others when one is unavailable. Submit and Run always send their own
+saga id, so a retry after a lost answer can never create a second saga: the
+cluster answers the retry with the saga the first try created. Waiting is pushed
+by the node (Run, Watch), never polled. `cluster.aioclient.AsyncSagaClient` has
+the same methods for asyncio code.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from saga.v1 import log_pb2, sagas_pb2, sagas_pb2_grpc
 from cluster.grpcutil import channel_to
 
 # Codes after which the same call may be sent again: nothing was done, or the
-# call is idempotent (Submit carries its saga id; Abort and Resolve are idempotent).
+# call is idempotent (Submit and Run carry their saga id; Abort and Resolve are
+# idempotent).
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -31,7 +36,59 @@ RETRYABLE = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+# A stream also ends CANCELLED when the node serving it stops: resume elsewhere.
+STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
 ENDED = frozenset({sagas_pb2.COMPLETED, sagas_pb2.ABORTED})
+FIRST_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 1.0
+DEFAULT_RUN_TIMEOUT_S = 60.0
+
+
+class Attempts:
+    """Where and when to send a call again: the next node, after a growing pause,
+    until a deadline. Shared by the blocking and the asyncio client."""
+
+    def __init__(self, nodes: int, first: int, deadline_s: float) -> None:
+        self.nodes = nodes
+        self.node = first
+        self.deadline = time.monotonic() + deadline_s
+        self.backoff_s = FIRST_BACKOFF_S
+
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def again(self, code: grpc.StatusCode, retryable: frozenset = RETRYABLE) -> float | None:
+        """After a failure with `code`: the pause before the next attempt (on the
+        next node), or None when the call must fail now."""
+        if code not in retryable or self.remaining_s() < self.backoff_s:
+            return None
+        pause, self.backoff_s = self.backoff_s, min(self.backoff_s * 2, MAX_BACKOFF_S)
+        self.node = (self.node + 1) % self.nodes
+        return pause
+
+    def progressed(self, window_s: float) -> None:
+        """A stream delivered: give it a fresh window and a short first pause."""
+        self.deadline = max(self.deadline, time.monotonic() + window_s)
+        self.backoff_s = FIRST_BACKOFF_S
+
+
+def new_saga_id() -> str:
+    return uuid.uuid4().hex
+
+
+def submit_request(
+    definition: log_pb2.SagaDefinition, payload: bytes, saga_id: str | None
+) -> sagas_pb2.SubmitRequest:
+    return sagas_pb2.SubmitRequest(
+        definition=definition, payload=payload, saga_id=saga_id or new_saga_id()
+    )
+
+
+def timed_out(saga_id: str, timeout_s: float, what: str) -> TimeoutError:
+    return TimeoutError(
+        f"saga {saga_id} {what} within {timeout_s}s; it goes on: run it again with "
+        "the same saga_id, or wait_for_end, to learn its outcome"
+    )
 
 
 class SagaClient:
@@ -60,22 +117,22 @@ class SagaClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _call(self, method: str, request: Any) -> Any:
-        deadline = time.monotonic() + self.retry_deadline_s
-        backoff = 0.05
-        i = self._preferred
+    def _call(self, method: str, request: Any, deadline_s: float | None = None) -> Any:
+        """A unary call, retried on another node while the code allows. With
+        `deadline_s`, each attempt may last until that overall deadline."""
+        attempts = Attempts(len(self._stubs), self._preferred, deadline_s or self.retry_deadline_s)
         while True:
-            stub = self._stubs[i % len(self._stubs)]
+            stub = self._stubs[attempts.node]
+            timeout = attempts.remaining_s() if deadline_s else self.call_timeout_s
             try:
-                reply = getattr(stub, method)(request, timeout=self.call_timeout_s)
-                self._preferred = i % len(self._stubs)
+                reply = getattr(stub, method)(request, timeout=max(timeout, 0.001))
+                self._preferred = attempts.node
                 return reply
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or time.monotonic() + backoff > deadline:
+                pause = attempts.again(exc.code())
+                if pause is None:
                     raise
-            i += 1
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            time.sleep(pause)
 
     def submit(
         self,
@@ -84,9 +141,26 @@ class SagaClient:
         saga_id: str | None = None,
     ) -> str:
         """Start a saga; returns its id once StartSaga is committed."""
-        saga_id = saga_id or uuid.uuid4().hex
-        request = sagas_pb2.SubmitRequest(definition=definition, payload=payload, saga_id=saga_id)
+        request = submit_request(definition, payload, saga_id)
         return str(self._call("Submit", request).saga_id)
+
+    def run(
+        self,
+        definition: log_pb2.SagaDefinition,
+        payload: bytes = b"",
+        saga_id: str | None = None,
+        timeout_s: float = DEFAULT_RUN_TIMEOUT_S,
+    ) -> sagas_pb2.SagaInfo:
+        """Start a saga and return once it has ended (COMPLETED or ABORTED), with
+        what `get` answers. One call; the node pushes the end. TimeoutError after
+        `timeout_s` (the saga goes on; `run` again with its id re-attaches)."""
+        request = submit_request(definition, payload, saga_id)
+        try:
+            return self._call("Run", request, deadline_s=timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise timed_out(request.saga_id, timeout_s, "did not end") from exc
+            raise
 
     def get(self, saga_id: str) -> sagas_pb2.SagaInfo:
         return self._call("Get", sagas_pb2.GetRequest(saga_id=saga_id))
@@ -110,19 +184,25 @@ class SagaClient:
             "Resolve", sagas_pb2.ResolveRequest(saga_id=saga_id, vertex=vertex, reason=reason)
         )
 
-    def watch(self, saga_id: str, from_seq: int = 0) -> Iterator[sagas_pb2.WatchEvent]:
-        """Every record of the saga from `from_seq`, live, until EndSaga. Reconnects
-        to another node after a failure and resumes where it stopped."""
+    def watch(
+        self, saga_id: str, from_seq: int = 0, timeout_s: float | None = None
+    ) -> Iterator[sagas_pb2.WatchEvent]:
+        """Every record of the saga from `from_seq`, pushed as it is applied, until
+        EndSaga. Resumes on another node after a failure, from the record after the
+        last one delivered. With `timeout_s`, TimeoutError once that has passed."""
         seq = from_seq
-        deadline = time.monotonic() + self.retry_deadline_s
-        i = self._preferred
+        window = self.retry_deadline_s if timeout_s is None else timeout_s
+        attempts = Attempts(len(self._stubs), self._preferred, window)
         while True:
-            stub = self._stubs[i % len(self._stubs)]
+            stub = self._stubs[attempts.node]
+            request = sagas_pb2.WatchRequest(saga_id=saga_id, from_seq=seq)
             try:
-                for event in stub.Watch(sagas_pb2.WatchRequest(saga_id=saga_id, from_seq=seq)):
+                stream = stub.Watch(request, timeout=timeout_s and max(attempts.remaining_s(), 0))
+                for event in stream:
                     yield event
                     seq = event.seq + 1
-                    deadline = time.monotonic() + self.retry_deadline_s
+                    if timeout_s is None:
+                        attempts.progressed(window)
                     if event.record.HasField("end_saga"):
                         return
                 # The stream ended without EndSaga: the saga ended before `seq`, or the
@@ -131,25 +211,20 @@ class SagaClient:
                     return
                 continue
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE and exc.code() != grpc.StatusCode.CANCELLED:
+                pause = attempts.again(exc.code(), STREAM_RETRYABLE)
+                if pause is None:
+                    if timeout_s is not None and attempts.remaining_s() <= 0:
+                        raise timed_out(saga_id, timeout_s, "did not end") from exc
                     raise
-                if time.monotonic() > deadline:
-                    raise
-            i += 1
-            time.sleep(0.1)
+            time.sleep(pause)
 
     def wait_for_end(self, saga_id: str, timeout_s: float = 60.0) -> sagas_pb2.SagaInfo:
-        """Wait until the saga is COMPLETED or ABORTED; returns its final state."""
-        deadline = time.monotonic() + timeout_s
-        delay = 0.01
-        while True:
-            info = self.get(saga_id)
-            if info.state in ENDED:
-                return info
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"saga {saga_id} still {sagas_pb2.SagaState.Name(info.state)} "
-                    f"after {timeout_s}s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+        """Wait until the saga is COMPLETED or ABORTED (pushed: follows Watch to
+        EndSaga); returns its final state as `get` answers it."""
+        try:
+            for _ in self.watch(saga_id, timeout_s=timeout_s):
+                pass
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise  # FAILED_PRECONDITION: ended and purged by retention; Get answers
+        return self.get(saga_id)

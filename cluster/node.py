@@ -8,6 +8,7 @@ gRPC server, stop Raft, close the store, exit 0.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -24,6 +25,7 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 from cluster import identity as ident
 from cluster.config import NodeConfig, from_args
 from cluster.grpcutil import channel_to
+from cluster.push import AppliedFeed
 from cluster.retention import Retention
 from cluster.sagas_service import SagasService
 from cluster.service import ClusterService, raft_role
@@ -94,25 +96,28 @@ def registry_in_store(data_dir: str) -> dict[str, bytes]:
 
 class Node:
     """The gRPC server listens first (so that peers' wipe checks get answers while
-    the cluster starts), then Raft starts (`start_raft`)."""
+    the cluster starts), then Raft starts (`start_raft`).
+
+    The server is grpc.aio's, on an event loop of its own thread: Watch and Run are
+    coroutines woken by applied records (`cluster.push`), so thousands can wait
+    without a thread each; every other method runs on the server's thread pool
+    (`grpc_workers` threads), which is also the loop's executor."""
 
     def __init__(self, config: NodeConfig, me: ident.Identity) -> None:
         self.config = config
         self.me = me
         self.service = ClusterService(config, registry_in_store(config.data_dir))
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.grpc_workers),
-            options=[
-                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
+        self._executor = futures.ThreadPoolExecutor(
+            max_workers=config.grpc_workers, thread_name_prefix="grpc"
         )
-        cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, self.server)
-        sagas_pb2_grpc.add_SagasServicer_to_server(SagasService(self), self.server)
-        if self.server.add_insecure_port(config.grpc_addr) == 0:
-            raise OSError(f"cannot listen on --grpc-addr {config.grpc_addr}")
-        self.server.start()
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_default_executor(self._executor)
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="grpc-loop", daemon=True
+        )
+        self._loop_thread.start()
+        self.feed: AppliedFeed | None = AppliedFeed(self._loop)
+        self.server = self._on_loop(self._start_server())
         self.raft: SagaLogRaft | None = None
         self.proposer: Proposer | None = None
         self._stopping = threading.Event()
@@ -135,6 +140,9 @@ class Node:
             compaction_min_entries=self.config.compaction_min_entries,
             fault_file=self.config.fault_file,
         )
+        self.raft.saga_log.listener = self._on_applied
+        if self.feed is not None:
+            self.raft.on_store_replaced = self.feed.reset
         self.proposer = Proposer(self.raft, self.config.max_in_flight_proposals)
         self.service.attach(self.raft, self.proposer, self.in_office)
         self._duties.start()
@@ -178,6 +186,34 @@ class Node:
         peer = self._peer_by_raft_addr.get(leader.id)
         return peer.grpc_addr if peer is not None else None
 
+    def _on_loop(self, coro: Any, timeout_s: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    async def _start_server(self) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            migration_thread_pool=self._executor,
+            options=[
+                ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, server)
+        sagas_pb2_grpc.add_SagasServicer_to_server(SagasService(self), server)
+        if server.add_insecure_port(self.config.grpc_addr) == 0:
+            raise OSError(f"cannot listen on --grpc-addr {self.config.grpc_addr}")
+        await server.start()
+        return server
+
+    def _on_applied(self, records: list[tuple[str, int, log_pb2.Record]]) -> None:
+        """The Saga Log's listener (Raft thread): to the pushed streams, and to the
+        coordinator while there is one."""
+        if self.feed is not None:
+            self.feed.publish(records)
+        driver = self.driver
+        if driver is not None:
+            driver.on_applied(records)
+
     def in_office(self) -> bool:
         """Leader with its own Epoch committed in the current term."""
         raft = self.raft
@@ -189,7 +225,12 @@ class Node:
 
     def stop(self) -> None:
         self._stopping.set()
-        self.server.stop(grace=1.0).wait(2.0)
+        try:
+            self._on_loop(self.server.stop(grace=1.0), timeout_s=3.0)
+        except Exception:
+            log.exception("stopping the gRPC server")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(timeout=2.0)
         if self.raft is not None:
             if self.retention is not None:
                 self.retention.stop()
@@ -240,18 +281,15 @@ class Node:
                     lease_s=self.config.timing.leader_fallback_ms * 2 / 3000,
                     in_office=self.in_office,
                 )
-                self.raft.saga_log.listener = driver.on_applied
                 self.driver = driver
                 driver.start()
         elif driver is not None:
             self._stop_driver()
 
     def _stop_driver(self) -> None:
-        if self.driver is not None:
-            if self.raft is not None:
-                self.raft.saga_log.listener = None
-            self.driver.stop()
-            self.driver = None
+        driver, self.driver = self.driver, None  # no more applied records reach it
+        if driver is not None:
+            driver.stop()
 
     def _fenced(self) -> None:
         # A newer epoch committed: whatever this node believes, it is not in office.

@@ -232,6 +232,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    definition = load_definition(args.file)
+    with _client(args) as client:
+        try:
+            info = client.run(definition, _payload(args.payload), args.id, args.timeout)
+        except grpc.RpcError as exc:
+            print(f"sagactl: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except TimeoutError as exc:
+            print(f"sagactl: {exc}", file=sys.stderr)
+            return 1
+    _print_info(info)
+    return 0 if info.state == sagas_pb2.COMPLETED else 3
+
+
 def cmd_saga(args: argparse.Namespace) -> int:
     with _client(args) as client:
         try:
@@ -414,6 +429,12 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--id", help="the saga id (default: generated)")
     submit.add_argument("--watch", action="store_true", help="follow it live until it ends")
     submit.set_defaults(func=cmd_submit)
+    run = add("run", "submit a saga and wait until it ends (exit 0 COMPLETED, 3 ABORTED)")
+    run.add_argument("file")
+    run.add_argument("--payload", help="the payload, or @FILE")
+    run.add_argument("--id", help="the saga id (default: generated); run it again to re-attach")
+    run.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the end")
+    run.set_defaults(func=cmd_run)
     get = add("get", "a saga's state and vertices")
     get.add_argument("saga_id")
     get.add_argument("--records", action="store_true", help="also print its log records")

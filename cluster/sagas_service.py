@@ -1,47 +1,67 @@
 """The `Sagas` gRPC service: the client API, answered by any node.
 
-Writes (Submit, Abort, Resolve) and linearizable reads (Get, List) are served by
-the leader once it is in office; a follower forwards them to the leader (one hop,
-marked in metadata so that two nodes that disagree about who leads cannot bounce
-a call forever). A linearizable read commits an empty batch first: the answer then
-reflects every write acknowledged before the read began. Watch is served by
-whichever node is asked, from its applied log, so a client can reconnect anywhere
-after a failover and resume from the sequence number it saw last.
+Writes (Submit, Abort, Resolve) are decided by the leader once it is in office; a
+follower forwards them to the leader (one hop, marked in metadata so that two
+nodes that disagree about who leads cannot bounce a call forever).
+
+Linearizable reads (Get, List) add no log entry: the node asked gets a read index
+(ReadIndex: the leader's commit index once a heartbeat round has confirmed its
+leadership; `sagalog.readindex`), waits until it has applied that index, and
+answers from its own store. The answer reflects every write acknowledged before
+the read began.
+
+Watch and Run are pushed, never polled (`cluster.push`): each record this node
+applies wakes the streams of its saga. They run as coroutines on the gRPC event
+loop, so a node holds thousands of them without a thread each; the other
+methods run on the server's thread pool. Watch is served by whichever node is
+asked, so a client can reconnect anywhere after a failover and resume from the
+sequence number it saw last. Run submits (forwarded like Submit) and then waits
+for this node's own apply of EndSaga: a follower never holds a call open on the
+leader.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-from saga.v1 import log_pb2, sagas_pb2, sagas_pb2_grpc
+from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2_grpc
 
 from cluster.grpcutil import channel_to
-from cluster.service import PROPOSE_ERROR_CODES
+from cluster.push import AppliedFeed, Subscription
+from cluster.service import PROPOSE_ERROR_CODES, READ_INDEX_TIMEOUT_S
 from coordinator.definition import check_definition
 from coordinator.view import SagaView
 from sagalog import codec
 from sagalog import records as rec
 from sagalog.log import SagaLog
 from sagalog.proposer import ProposeError, Proposer
+from sagalog.readindex import ReadRefused
 from sagalog.transitions import Comp, Phase, Req
 
 FORWARDED = "x-saga-forwarded"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 LIST_SCAN_LIMIT = 10_000  # sagas examined per List call when filtering
-# Each Watch holds a gRPC worker thread while it streams: keep them a small share
-# of NodeConfig.grpc_workers so that Submit, Get and Status always find a thread.
-MAX_WATCHERS = 16
-WATCH_POLL_S = 0.02
+# Watch and Run calls waiting on one node at once; past it: RESOURCE_EXHAUSTED.
+# Each is a coroutine and a subscription of at most push.MAX_BUFFERED_RECORDS
+# records (a few KiB idle), so the bound is on memory, not threads.
+MAX_PUSH_STREAMS = 20_000
 WATCH_MAX_S = 3600.0  # a Watch stream ends after this long; the client resumes it
-WATCH_UNKNOWN_GRACE_S = 5.0
+WATCH_UNKNOWN_GRACE_S = 5.0  # a saga submitted through the leader may reach this node late
+# A stream re-reads the store after this long without a pushed record: a safety
+# net only (every applied record and every snapshot install is pushed).
+PUSH_RECHECK_S = 30.0
 WRITE_TIMEOUT_S = 5.0
+READ_APPLY_TIMEOUT_S = 5.0  # a node this far behind the read index answers UNAVAILABLE
 # Back-pressure: Submit answers RESOURCE_EXHAUSTED, instead of letting every saga's
 # latency grow without bound, while the sagas in flight reach the coordinator's
 # limit (adapted to the latency sagas see: coordinator/admission.py), or while
@@ -57,6 +77,7 @@ class NodeView(Protocol):
 
     raft: Any
     proposer: Proposer | None
+    feed: AppliedFeed | None  # pushes applied records to Watch and Run
 
     def office_epoch(self) -> int | None: ...
     def sagas_in_flight(self) -> int: ...
@@ -134,6 +155,46 @@ def purged_info(saga_id: str, stone: log_pb2.Tombstone) -> sagas_pb2.SagaInfo:
     )
 
 
+class Refusal(Exception):
+    """An answer other than OK, raised anywhere below a handler: the handler's
+    adapter turns it into the gRPC status (sync and async handlers alike)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the service reads from a call's context, whichever server runs it."""
+
+    forwarded: bool  # a follower sent it here: never forward it again
+    time_remaining_s: float | None
+
+    @staticmethod
+    def of(context: Any) -> Call:
+        remaining = context.time_remaining()
+        return Call(
+            forwarded=bool(dict(context.invocation_metadata() or ()).get(FORWARDED)),
+            time_remaining_s=remaining,
+        )
+
+
+def _answers(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """A synchronous handler whose Refusals become the call's status."""
+
+    @functools.wraps(handler)
+    def wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return handler(self, request, Call.of(context))
+        except Refusal as refusal:
+            context.abort(refusal.code, refusal.message)
+            raise
+
+    return wrapper
+
+
 def _records_or_tombstone(
     saga_log: SagaLog, saga_id: str
 ) -> tuple[list[log_pb2.Record], log_pb2.Tombstone | None]:
@@ -145,31 +206,31 @@ def _records_or_tombstone(
 class SagasService(sagas_pb2_grpc.SagasServicer):
     def __init__(self, node: NodeView) -> None:
         self._node = node
-        self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
         # One channel per leader address, never closed while calls may use it.
         self._channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
 
     # ---- routing ---------------------------------------------------------------------
 
-    def _forward(self, method: str, request: Any, context: Any) -> Any | None:
-        """On a follower, the leader's answer; None when this node should answer."""
-        if self._node.is_leader():
-            return None
-        forwarded = dict(context.invocation_metadata()).get(FORWARDED)
+    def _leader_channel(self, call: Call) -> grpc.Channel:
         leader = self._node.leader_grpc_addr()
-        if forwarded or not leader:
-            context.abort(
+        if call.forwarded or not leader:
+            raise Refusal(
                 grpc.StatusCode.UNAVAILABLE,
                 f"not the leader; leader: {leader or 'unknown (election in progress)'}",
             )
-        assert leader is not None
         with self._channels_lock:
             channel = self._channels.get(leader)
             if channel is None:
                 channel = self._channels[leader] = channel_to(leader)
-        stub = sagas_pb2_grpc.SagasStub(channel)
-        remaining = context.time_remaining()
+        return channel
+
+    def _forward(self, method: str, request: Any, call: Call) -> Any | None:
+        """On a follower, the leader's answer; None when this node should answer."""
+        if self._node.is_leader():
+            return None
+        stub = sagas_pb2_grpc.SagasStub(self._leader_channel(call))
+        remaining = call.time_remaining_s
         try:
             return getattr(stub, method)(
                 request,
@@ -177,21 +238,18 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                 metadata=[(FORWARDED, "1")],
             )
         except grpc.RpcError as exc:
-            context.abort(exc.code(), exc.details())
-            raise
+            raise Refusal(exc.code(), exc.details()) from None
 
-    def _epoch(self, context: Any) -> int:
+    def _epoch(self) -> int:
         epoch = self._node.office_epoch()
         if epoch is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the leader is taking office; retry")
-        assert epoch is not None
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "the leader is taking office; retry")
         return epoch
 
-    def _propose(self, records: list[log_pb2.Record], context: Any) -> log_pb2.BatchResult:
+    def _propose(self, records: list[log_pb2.Record]) -> log_pb2.BatchResult:
         proposer = self._node.proposer
         if proposer is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the node is starting")
-        assert proposer is not None
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "the node is starting")
         try:
             return proposer.propose(codec.encode_batch(records), WRITE_TIMEOUT_S)
         except ProposeError as exc:
@@ -200,36 +258,53 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             code = PROPOSE_ERROR_CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE)
             if code not in _PROPOSE_CODES_KEPT:
                 code = grpc.StatusCode.UNAVAILABLE
-            context.abort(code, str(exc))
-            raise
+            raise Refusal(code, str(exc)) from None
 
-    def _barrier(self, context: Any) -> None:
-        """Commit an empty entry: proves leadership now and that every write
-        acknowledged before this read is applied here."""
-        self._epoch(context)
-        result = self._propose([], context)
-        if result.error:
-            context.abort(grpc.StatusCode.INTERNAL, result.error)
+    def _linearize(self, call: Call) -> None:
+        """Return once this node's store reflects every write acknowledged before
+        the call began (ReadIndex: no log entry)."""
+        raft = self._node.raft
+        if raft is None:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "the node is starting")
+        try:
+            if self._node.is_leader():
+                self._epoch()  # in office: its commit index covers every older leader's
+                index = raft.read_index(READ_INDEX_TIMEOUT_S)
+            else:
+                stub = cluster_pb2_grpc.ClusterStub(self._leader_channel(call))
+                reply = stub.ReadIndex(
+                    cluster_pb2.ReadIndexRequest(),
+                    timeout=READ_INDEX_TIMEOUT_S,
+                    metadata=[(FORWARDED, "1")],
+                )
+                index = reply.index
+        except (ReadRefused, TimeoutError) as exc:
+            reason = f"cannot confirm leadership: {exc}"
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, reason) from None
+        except grpc.RpcError as exc:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"read index: {exc.details()}") from None
+        if not raft.wait_applied(index, READ_APPLY_TIMEOUT_S):
+            raise Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                f"this node has not applied the read index {index} within "
+                f"{READ_APPLY_TIMEOUT_S:.0f}s; retry on another node",
+            )
 
-    def _read(
-        self, saga_id: str, context: Any
-    ) -> tuple[list[log_pb2.Record], log_pb2.Tombstone | None]:
+    def _read(self, saga_id: str) -> tuple[list[log_pb2.Record], log_pb2.Tombstone | None]:
         """Records or tombstone of a saga that exists; INVALID_ARGUMENT or NOT_FOUND."""
-        error = codec.check_saga_id(saga_id)
-        if error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        _check_saga_id(saga_id)
         with self._node.raft.reading() as saga_log:
             records, stone = _records_or_tombstone(saga_log, saga_id)
         if not records and stone is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no saga with id {saga_id!r}")
+            raise Refusal(grpc.StatusCode.NOT_FOUND, f"no saga with id {saga_id!r}")
         return records, stone
 
-    def _view(self, saga_id: str, context: Any) -> SagaView:
+    def _view(self, saga_id: str) -> SagaView:
         """The saga to change: FAILED_PRECONDITION when retention purged it."""
-        records, stone = self._read(saga_id, context)
+        records, stone = self._read(saga_id)
         if stone is not None:
             state = sagas_pb2.SagaState.Name(ended_state(stone.outcome))
-            context.abort(
+            raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"saga {saga_id!r} has ended ({state}) and its records were purged "
                 "by the retention policy",
@@ -238,7 +313,9 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
 
     # ---- writes ----------------------------------------------------------------------
 
-    def Submit(self, request: Any, context: Any) -> sagas_pb2.SubmitReply:
+    @staticmethod
+    def _checked(request: Any) -> sagas_pb2.SubmitRequest:
+        """The request with its saga id (generated when empty), once valid."""
         saga_id = request.saga_id or uuid.uuid4().hex
         for error in (
             codec.check_saga_id(saga_id),
@@ -246,25 +323,31 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             _payload_error(request.payload),
         ):
             if error:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, error)
         if request.saga_id != saga_id:
             request = sagas_pb2.SubmitRequest(
                 definition=request.definition, payload=request.payload, saga_id=saga_id
             )
-        forwarded = self._forward("Submit", request, context)
+        return request
+
+    def submit(self, request: sagas_pb2.SubmitRequest, call: Call) -> sagas_pb2.SubmitReply:
+        """Submit's whole answer (Run's first half); blocking; raises Refusal."""
+        request = self._checked(request)
+        saga_id = request.saga_id
+        forwarded = self._forward("Submit", request, call)
         if forwarded is not None:
             return forwarded
-        epoch = self._epoch(context)
+        epoch = self._epoch()
         in_flight, limit = self._node.sagas_in_flight(), self._node.saga_limit()
         if in_flight >= limit:
-            context.abort(
+            raise Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{in_flight} sagas are in flight; the limit is {limit} now "
                 "(it follows the latency sagas see); retry later",
             )
         lag = self._node.coordinator_lag_s()
         if lag > MAX_COORDINATOR_LAG_S:
-            context.abort(
+            raise Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the coordinator is {lag * 1000:.0f} ms behind "
                 f"(limit {MAX_COORDINATOR_LAG_S * 1000:.0f} ms); retry later",
@@ -272,32 +355,36 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         record = rec.start_saga(
             saga_id, epoch, request.definition, request.payload, int(time.time() * 1000)
         )
-        result = self._propose([record], context).results[0]
+        result = self._propose([record]).results[0]
         if result.verdict == log_pb2.ACCEPTED:
             return sagas_pb2.SubmitReply(saga_id=saga_id, created=True)
         if result.verdict == log_pb2.DUPLICATE:
             return sagas_pb2.SubmitReply(saga_id=saga_id, created=False)
         if "conflict" in result.reason:
-            context.abort(
+            raise Refusal(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"saga {saga_id!r} already exists with a different definition or payload",
             )
         if "stale epoch" in result.reason:
-            context.abort(
+            raise Refusal(
                 grpc.StatusCode.UNAVAILABLE, f"leadership changed; retry ({result.reason})"
             )
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.reason)
-        raise AssertionError("unreachable")
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, result.reason)
 
-    def Abort(self, request: Any, context: Any) -> sagas_pb2.AbortReply:
-        forwarded = self._forward("Abort", request, context)
+    @_answers
+    def Submit(self, request: Any, call: Call) -> sagas_pb2.SubmitReply:
+        return self.submit(request, call)
+
+    @_answers
+    def Abort(self, request: Any, call: Call) -> sagas_pb2.AbortReply:
+        forwarded = self._forward("Abort", request, call)
         if forwarded is not None:
             return forwarded
-        epoch = self._epoch(context)
-        view = self._view(request.saga_id, context)
+        epoch = self._epoch()
+        view = self._view(request.saga_id)
         if view.phase is Phase.ENDED:
             ended = sagas_pb2.SagaState.Name(saga_state(view))  # type: ignore[arg-type]
-            context.abort(
+            raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"saga {request.saga_id!r} has already ended ({ended})",
             )
@@ -305,29 +392,30 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             return sagas_pb2.AbortReply()
         reason = codec_text(request.reason or "aborted by a user")
         record = rec.abort_saga(request.saga_id, epoch, reason, int(time.time() * 1000))
-        result = self._propose([record], context).results[0]
+        result = self._propose([record]).results[0]
         if result.verdict == log_pb2.REJECTED and "conflict" not in result.reason:
             code = (
                 grpc.StatusCode.UNAVAILABLE
                 if "stale epoch" in result.reason
                 else grpc.StatusCode.FAILED_PRECONDITION
             )
-            context.abort(code, result.reason)
+            raise Refusal(code, result.reason)
         return sagas_pb2.AbortReply()
 
-    def Resolve(self, request: Any, context: Any) -> sagas_pb2.ResolveReply:
+    @_answers
+    def Resolve(self, request: Any, call: Call) -> sagas_pb2.ResolveReply:
         if not request.reason:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give the reason for the resolution")
-        forwarded = self._forward("Resolve", request, context)
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "give the reason for the resolution")
+        forwarded = self._forward("Resolve", request, call)
         if forwarded is not None:
             return forwarded
-        epoch = self._epoch(context)
-        view = self._view(request.saga_id, context)
+        epoch = self._epoch()
+        view = self._view(request.saga_id)
         if request.vertex not in view.state.vertices:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no vertex {request.vertex!r} in the saga")
+            raise Refusal(grpc.StatusCode.NOT_FOUND, f"no vertex {request.vertex!r} in the saga")
         comp = view.comp(request.vertex)
         if comp not in (Comp.STARTED, Comp.STUCK):
-            context.abort(
+            raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"vertex {request.vertex!r} has no compensation in progress ({comp.value})",
             )
@@ -338,31 +426,31 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             resolved_by=codec_text(f"resolved by an operator: {request.reason}"),
             time_ms=int(time.time() * 1000),
         )
-        result = self._propose([record], context).results[0]
+        result = self._propose([record]).results[0]
         if result.verdict == log_pb2.REJECTED:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, result.reason)
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, result.reason)
         return sagas_pb2.ResolveReply()
 
     # ---- reads -----------------------------------------------------------------------
 
-    def Get(self, request: Any, context: Any) -> sagas_pb2.SagaInfo:
-        forwarded = self._forward("Get", request, context)
-        if forwarded is not None:
-            return forwarded
-        self._barrier(context)
-        records, stone = self._read(request.saga_id, context)
+    def _info(self, saga_id: str) -> sagas_pb2.SagaInfo:
+        records, stone = self._read(saga_id)
         if stone is not None:
-            return purged_info(request.saga_id, stone)
-        return saga_info(SagaView.from_records(request.saga_id, records))
+            return purged_info(saga_id, stone)
+        return saga_info(SagaView.from_records(saga_id, records))
 
-    def List(self, request: Any, context: Any) -> sagas_pb2.ListReply:
+    @_answers
+    def Get(self, request: Any, call: Call) -> sagas_pb2.SagaInfo:
+        _check_saga_id(request.saga_id)
+        self._linearize(call)
+        return self._info(request.saga_id)
+
+    @_answers
+    def List(self, request: Any, call: Call) -> sagas_pb2.ListReply:
         page_size = request.page_size or DEFAULT_PAGE_SIZE
         if page_size > MAX_PAGE_SIZE:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_size exceeds {MAX_PAGE_SIZE}")
-        forwarded = self._forward("List", request, context)
-        if forwarded is not None:
-            return forwarded
-        self._barrier(context)
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"page_size exceeds {MAX_PAGE_SIZE}")
+        self._linearize(call)
         reply = sagas_pb2.ListReply()
         examined = 0
         last = ""
@@ -393,43 +481,117 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         with self._node.raft.reading() as saga_log:
             return list(itertools.islice(saga_log.saga_ids(after=after), limit))
 
-    def Watch(self, request: Any, context: Any) -> Iterator[sagas_pb2.WatchEvent]:
-        error = codec.check_saga_id(request.saga_id)
-        if error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
-        if not self._watchers.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{MAX_WATCHERS} watchers already")
-        try:
-            yield from self._watch(request.saga_id, request.from_seq, context)
-        finally:
-            self._watchers.release()
+    # ---- pushed: Watch and Run (coroutines on the server's event loop) ---------------
 
-    def _watch(self, saga_id: str, seq: int, context: Any) -> Iterator[sagas_pb2.WatchEvent]:
+    def _subscribe(self, saga_id: str) -> Subscription:
+        feed = self._node.feed
+        if feed is None or self._node.raft is None:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "the node is starting")
+        if feed.subscriptions >= MAX_PUSH_STREAMS:
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_PUSH_STREAMS} Watch and Run calls already wait on this node; "
+                "retry later or on another node",
+            )
+        return feed.subscribe(saga_id)
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if self._node.feed is not None:
+            self._node.feed.unsubscribe(sub)
+
+    async def Run(self, request: Any, context: Any) -> sagas_pb2.SagaInfo:
+        sub = None
+        try:
+            request = self._checked(request)
+            # Subscribe before submitting: an EndSaga applied from now on is pushed.
+            sub = self._subscribe(request.saga_id)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self.submit, request, Call.of(context))
+            return await self._until_ended(request.saga_id, sub)
+        except Refusal as refusal:
+            await context.abort(refusal.code, refusal.message)
+            raise
+        finally:
+            if sub is not None:
+                self._unsubscribe(sub)
+
+    async def _until_ended(self, saga_id: str, sub: Subscription) -> sagas_pb2.SagaInfo:
+        """What Get answers, once this node has applied the saga's EndSaga."""
+        look = True
+        while True:
+            if look:
+                with self._node.raft.reading() as saga_log:
+                    ended = saga_log.has_ended(saga_id)
+                if ended:
+                    return self._info(saga_id)
+            await sub.wait(PUSH_RECHECK_S)
+            records, fell_behind = sub.take()
+            look = fell_behind or not records or any(r.HasField("end_saga") for _, r in records)
+
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[sagas_pb2.WatchEvent]:
+        sub = None
+        try:
+            _check_saga_id(request.saga_id)
+            sub = self._subscribe(request.saga_id)
+            async for event in self._watch(request.saga_id, request.from_seq, sub):
+                yield event
+        except Refusal as refusal:
+            await context.abort(refusal.code, refusal.message)
+        finally:
+            if sub is not None:
+                self._unsubscribe(sub)
+
+    async def _watch(
+        self, saga_id: str, seq: int, sub: Subscription
+    ) -> AsyncIterator[sagas_pb2.WatchEvent]:
+        """Records from `seq`: first what the store holds, then as they are pushed.
+        A gap (the subscription fell behind, or a snapshot replaced the store)
+        sends the stream back to the store from the last record delivered."""
         started = time.monotonic()
         known = False
-        while context.is_active() and time.monotonic() - started < WATCH_MAX_S:
-            with self._node.raft.reading() as saga_log:
-                records = saga_log.records_from(saga_id, seq)
-                known = known or saga_log.saga_number(saga_id) is not None
-                ended = not records and saga_log.has_ended(saga_id)
-                purged = ended and saga_log.tombstone(saga_id) is not None
-            if purged:
-                context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"saga {saga_id!r} has ended and its records were purged by the "
-                    "retention policy; Get still answers",
-                )
-            if ended:
-                return  # asked from past the saga's last record
-            # A saga submitted through the leader may reach this node a little later.
-            if not known and time.monotonic() - started > WATCH_UNKNOWN_GRACE_S:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"no saga with id {saga_id!r}")
-            for record in records:
-                yield sagas_pb2.WatchEvent(seq=seq, record=record)
+        reread = True
+        pending: list[tuple[int, log_pb2.Record]] = []
+        while time.monotonic() - started < WATCH_MAX_S:
+            if reread:
+                with self._node.raft.reading() as saga_log:
+                    records = saga_log.records_from(saga_id, seq)
+                    known = known or saga_log.saga_number(saga_id) is not None
+                    ended = not records and saga_log.has_ended(saga_id)
+                    purged = ended and saga_log.tombstone(saga_id) is not None
+                if purged:
+                    raise Refusal(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"saga {saga_id!r} has ended and its records were purged by the "
+                        "retention policy; Get still answers",
+                    )
+                if ended:
+                    return  # asked from past the saga's last record
+                if not known and time.monotonic() - started > WATCH_UNKNOWN_GRACE_S:
+                    raise Refusal(grpc.StatusCode.NOT_FOUND, f"no saga with id {saga_id!r}")
+                pending = [(seq + i, r) for i, r in enumerate(records)]
+            reread = False
+            for at, record in pending:
+                if at < seq:
+                    continue  # delivered already (read from the store, then pushed)
+                if at > seq:
+                    reread = True  # a gap: fetch the missing records from the store
+                    break
+                known = True
+                yield sagas_pb2.WatchEvent(seq=at, record=record)
                 seq += 1
                 if record.HasField("end_saga"):
                     return
-            time.sleep(WATCH_POLL_S)
+            if reread:
+                continue
+            await sub.wait(PUSH_RECHECK_S if known else WATCH_UNKNOWN_GRACE_S)
+            pending, fell_behind = sub.take()
+            reread = fell_behind or not pending
+
+
+def _check_saga_id(saga_id: str) -> None:
+    error = codec.check_saga_id(saga_id)
+    if error:
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, error)
 
 
 def _payload_error(payload: bytes) -> str:

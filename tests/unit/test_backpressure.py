@@ -45,6 +45,9 @@ class _Context:
     def invocation_metadata(self) -> list:
         return []
 
+    def time_remaining(self) -> float | None:
+        return None
+
 
 class _Node:
     def __init__(self, lag_s: float, in_flight: int = 0) -> None:
@@ -52,6 +55,7 @@ class _Node:
         self.in_flight = in_flight
         self.raft = SimpleNamespace()
         self.proposer = None  # a Submit that got past admission would fail here
+        self.feed = None
 
     def office_epoch(self) -> int:
         return 1

@@ -39,6 +39,11 @@ class SagasStub:
                 request_serializer=saga_dot_v1_dot_sagas__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=saga_dot_v1_dot_sagas__pb2.SubmitReply.FromString,
                 _registered_method=True)
+        self.Run = channel.unary_unary(
+                '/saga.v1.Sagas/Run',
+                request_serializer=saga_dot_v1_dot_sagas__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_sagas__pb2.SagaInfo.FromString,
+                _registered_method=True)
         self.Get = channel.unary_unary(
                 '/saga.v1.Sagas/Get',
                 request_serializer=saga_dot_v1_dot_sagas__pb2.GetRequest.SerializeToString,
@@ -78,22 +83,38 @@ class SagasServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Run(self, request, context):
+        """Submit, then answer once the saga has ended (COMPLETED or ABORTED) with what
+        Get would answer. Submits exactly as Submit does (same idempotency by
+        saga_id, same errors). If the caller's deadline passes first, the caller gets
+        DEADLINE_EXCEEDED and the saga goes on: Run again with the same saga_id,
+        definition and payload re-attaches (and answers at once if it has ended).
+        Any node serves it; a follower waits for its own apply of EndSaga.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Get(self, request, context):
-        """One saga's state, vertices and log records. Linearizable.
+        """One saga's state, vertices and log records. Linearizable (ReadIndex: no log
+        entry per read); any node answers from its own store once it has applied
+        the leader's read index.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """Sagas, optionally filtered by state, in pages. Linearizable.
+        """Sagas, optionally filtered by state, in pages. Linearizable, as Get.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Watch(self, request, context):
-        """The saga's records as they commit, from a sequence number, ending at EndSaga.
+        """The saga's records from a sequence number, pushed as this node applies
+        them, ending at EndSaga. Served by the node asked; RESOURCE_EXHAUSTED past
+        the node's bound on concurrent streams.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +142,11 @@ def add_SagasServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=saga_dot_v1_dot_sagas__pb2.SubmitRequest.FromString,
                     response_serializer=saga_dot_v1_dot_sagas__pb2.SubmitReply.SerializeToString,
+            ),
+            'Run': grpc.unary_unary_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=saga_dot_v1_dot_sagas__pb2.SubmitRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_sagas__pb2.SagaInfo.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
@@ -175,6 +201,33 @@ class Sagas:
             '/saga.v1.Sagas/Submit',
             saga_dot_v1_dot_sagas__pb2.SubmitRequest.SerializeToString,
             saga_dot_v1_dot_sagas__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.Sagas/Run',
+            saga_dot_v1_dot_sagas__pb2.SubmitRequest.SerializeToString,
+            saga_dot_v1_dot_sagas__pb2.SagaInfo.FromString,
             options,
             channel_credentials,
             insecure,
