@@ -18,10 +18,17 @@ constantly) and mirrors them into one append-only file:
 message, so an acknowledgement never leaves before the entries it covers are
 on disk. Recovery keeps the longest valid prefix (whole entries, matching
 crc, consecutive indexes) and cuts the rest: a torn tail is never applied.
+Only a tail can be torn, though: a bad entry followed by a valid one, or a bad
+entry inside what the last fsync covered, is corruption, and cutting there would
+silently drop acknowledged entries. Recovery then raises JournalCorrupt (the
+node stops and says so) and leaves the file as it is.
 
 Term, vote and commit index live in `<path>.meta` (JSON, replaced atomically).
-`<path>.synced` holds the byte length of the last fsync (a test aid, never
-fsynced itself): cutting the journal back to it simulates a power loss.
+`<path>.synced` holds the byte length of the last fsync (never fsynced itself):
+cutting the journal back to it simulates a power loss, and recovery treats a bad
+entry before it as corruption. After a power loss it may hold an older, smaller
+length, never a larger one (it is written after the fsync it records), so it can
+only make recovery more lenient, never refuse a torn tail.
 
 Not thread-safe: pysyncobj calls the journal from its tick thread only, and
 `sync` must be called from that thread too.
@@ -50,6 +57,9 @@ FORMAT_VERSION = 1
 
 _FILE_HEADER = struct.Struct(">8sII")  # magic, format version, reserved
 _ENTRY_HEADER = struct.Struct(">IIQQ")  # payload length, crc32, idx, term
+# The largest entry the node writes (one batch, codec.MAX_BATCH_BYTES) with room to
+# spare: how far past a damaged entry recovery looks for a valid one.
+MAX_ENTRY_BYTES = 9 * 1024 * 1024
 _IDX_TERM = struct.Struct(">QQ")
 _SYNCED = struct.Struct(">Q")
 
@@ -207,6 +217,7 @@ class DurableJournal(Journal):
         if version != FORMAT_VERSION:
             raise JournalCorrupt(f"{self.path}: unsupported format version {version}")
 
+        synced = self._recorded_sync_length()
         pos = FILE_HEADER_SIZE
         reason = ""
         while pos < size:
@@ -229,6 +240,8 @@ class DurableJournal(Journal):
             self._entries.append((payload, idx, term))
             self._offsets.append(pos)
             pos = end
+        if reason:
+            self._refuse_a_cut_that_is_not_a_torn_tail(data, pos, synced, reason)
         self._end = pos
         self.cut_bytes = size - pos
         if self.cut_bytes:
@@ -244,6 +257,52 @@ class DurableJournal(Journal):
             os.ftruncate(self._fd, pos)
             # The caller fsyncs right after: the cut is durable before anything is appended.
             self._dirty = True
+
+    def _recorded_sync_length(self) -> int:
+        """What `<path>.synced` says the last fsync covered (0 when absent)."""
+        try:
+            with open(self.synced_path, "rb") as f:
+                raw = f.read(_SYNCED.size)
+        except FileNotFoundError:
+            return 0
+        return int(_SYNCED.unpack(raw)[0]) if len(raw) == _SYNCED.size else 0
+
+    def _refuse_a_cut_that_is_not_a_torn_tail(
+        self, data: bytes, pos: int, synced: int, reason: str
+    ) -> None:
+        """A bad entry at `pos` may be cut only if it is a torn tail: written after
+        the last fsync, with nothing valid after it."""
+        if pos < synced:
+            raise JournalCorrupt(
+                f"{self.path}: {reason} at offset {pos}, inside the {synced} bytes the last "
+                "fsync covered: the disk or the file is damaged, not torn by a crash. "
+                "Cutting here would drop acknowledged entries; the node stops instead. "
+                "Restore the data directory from a replica (see README, re-adding a node)."
+            )
+        after = self._valid_entry_after(data, pos)
+        if after is not None:
+            raise JournalCorrupt(
+                f"{self.path}: {reason} at offset {pos}, but a valid entry (index "
+                f"{after[1]}) follows at offset {after[0]}: the journal is damaged in the "
+                "middle, not torn at its end. Cutting here would drop acknowledged "
+                "entries; the node stops instead."
+            )
+
+    def _valid_entry_after(self, data: bytes, pos: int) -> tuple[int, int] | None:
+        """(offset, index) of a well-formed entry starting after `pos`, if any, within
+        reach of one largest entry: where the entry after a damaged one would be."""
+        next_idx = {self._entries[-1][1] + 1, self._entries[-1][1] + 2} if self._entries else None
+        end = min(len(data) - ENTRY_HEADER_SIZE, pos + MAX_ENTRY_BYTES + ENTRY_HEADER_SIZE)
+        for at in range(pos + 1, end + 1):
+            length, crc, idx, term = _ENTRY_HEADER.unpack_from(data, at)
+            if next_idx is not None and idx not in next_idx:
+                continue
+            start = at + ENTRY_HEADER_SIZE
+            if start + length > len(data):
+                continue
+            if _entry_crc(idx, term, data[start : start + length]) == crc:
+                return at, idx
+        return None
 
     # ---- durability -------------------------------------------------------------------
 

@@ -167,15 +167,53 @@ def test_flipped_payload_byte_fails_the_crc(path: str, opened: list[DurableJourn
     assert j[:] == [entry(1), entry(2)]
 
 
-def test_flipped_term_fails_the_crc(path: str, opened: list[DurableJournal]) -> None:
-    filled(path, opened, 3).close()
+def test_a_bad_entry_followed_by_a_valid_one_is_corruption_not_a_torn_tail(
+    path: str, opened: list[DurableJournal]
+) -> None:
+    filled(path, opened, 3).close()  # never synced: a cut would be allowed by the sidecar
     second = FILE_HEADER_SIZE + frame_size(entry(1)[0])
     with open(path, "r+b") as f:
         f.seek(second + 8 + 8 + 7)  # low byte of the term of entry 2
         f.write(b"\x07")
-    j = open_journal(path, opened)
-    assert j[:] == [entry(1)]
-    assert j.cut_bytes == 2 * frame_size(entry(2)[0])
+    before = open(path, "rb").read()
+    with pytest.raises(JournalCorrupt, match="a valid entry \\(index 3\\) follows"):
+        DurableJournal(path)
+    assert open(path, "rb").read() == before  # nothing cut
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_bad_entry_inside_the_synced_bytes_is_corruption(
+    path: str, opened: list[DurableJournal], damage: str
+) -> None:
+    j = filled(path, opened, 3)
+    j.sync()
+    j.close()
+    size = os.path.getsize(path)
+    assert read_synced_sidecar(path) == size
+    if damage == "flip":
+        with open(path, "r+b") as f:
+            f.seek(size - 1)
+            last = f.read(1)
+            f.seek(size - 1)
+            f.write(bytes([last[0] ^ 0x01]))
+    else:
+        os.truncate(path, size - 3)  # fsynced bytes cannot tear: the file was damaged
+    with pytest.raises(JournalCorrupt, match="inside the .* bytes the last fsync covered"):
+        DurableJournal(path)
+
+
+def test_a_torn_tail_after_the_synced_bytes_is_still_cut(
+    path: str, opened: list[DurableJournal]
+) -> None:
+    j = filled(path, opened, 3)
+    j.sync()
+    j.close()
+    synced = os.path.getsize(path)
+    with open(path, "ab") as f:  # what the fault harness writes for a power loss
+        f.write((1 << 16).to_bytes(4, "big") + os.urandom(100))
+    j2 = open_journal(path, opened)
+    assert j2[:] == [entry(i) for i in range(1, 4)]
+    assert os.path.getsize(path) == synced
 
 
 def test_index_gap_ends_the_valid_prefix(path: str, opened: list[DurableJournal]) -> None:
@@ -330,7 +368,11 @@ def test_commit_index_past_the_log_is_lowered(path: str, opened: list[DurableJou
     j = filled(path, opened, 5)
     j.setRaftCommitIndex(5)
     j._destroy()
-    os.truncate(path, os.path.getsize(path) - 3)  # entry 5 is torn
+    # A power loss that left an older sync length in the sidecar (it is not fsynced)
+    # and entry 5 torn.
+    with open(path + ".synced", "r+b") as f:
+        f.write(struct.pack(">Q", FILE_HEADER_SIZE))
+    os.truncate(path, os.path.getsize(path) - 3)
     assert open_journal(path, opened).getRaftCommitIndex() == 4
 
 
