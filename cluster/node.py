@@ -33,9 +33,10 @@ from coordinator.admission import MAX_LIMIT
 from coordinator.driver import Driver
 from sagalog import codec
 from sagalog import records as rec
+from sagalog.journal import JournalCorrupt
 from sagalog.log import LOG_FORMAT, SagaLog
 from sagalog.proposer import ProposeError, Proposer
-from sagalog.raft import SagaLogRaft, fail_stop
+from sagalog.raft import EXIT_STORAGE_FAILURE, SagaLogRaft, fail_stop
 from sagalog.rocks import RocksKV
 
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -393,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
             check_not_wiped(config, me)
             ident.persist(config.data_dir, me)
         node.start_raft()
+    except JournalCorrupt as exc:
+        log.critical("refusing to start: the Raft journal is corrupt: %s", exc)
+        if node is not None:
+            node.stop()
+        return EXIT_STORAGE_FAILURE
     except (ident.IdentityError, WipedNodeError, OSError) as exc:
         log.critical("refusing to start: %s", exc)
         if node is not None:

@@ -278,3 +278,26 @@ def test_snapshots_compact_the_journal_and_bring_a_lagging_follower_up(make_clus
     h.commit_saga("after-restart")
     h.wait_converged(timeout_s=30)
     h.check_nothing_lost()
+
+
+def test_a_journal_damaged_in_the_middle_stops_the_node_instead_of_losing_entries(
+    harness,
+) -> None:
+    for i in range(5):
+        harness.commit_saga(f"before-damage-{i}")
+    victim = followers(harness)[0]
+    proc = harness.cluster.procs[victim]
+    proc.terminate()
+    assert proc.wait(timeout=15) == 0
+    journal = os.path.join(harness.cluster.specs[victim].data_dir, "journal")
+    size = os.path.getsize(journal)
+    with open(journal, "r+b") as f:  # one flipped byte half-way: bit rot, not a torn write
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    harness.cluster.start(victim)
+    assert harness.cluster.procs[victim].wait(timeout=30) == 74
+    assert "journal is corrupt" in harness.cluster.logs(20)
+    assert os.path.getsize(journal) == size  # nothing was cut
+    harness.commit_saga("after-damage", via=next(n for n in harness.addrs if n != victim))
