@@ -160,7 +160,7 @@ def dir_mb(path: str) -> float:
 
 def run(n: int, base: str) -> dict:
     parts = TravelParticipants(os.path.join(base, "participants"))
-    cluster = LocalCluster(os.path.join(base, "cluster"), nodes=3)
+    cluster = LocalCluster(os.path.join(base, "cluster"), nodes=3, test_propose=True)
     try:
         parts.start_all()
         parts.wait_ready(15)

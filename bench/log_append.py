@@ -389,7 +389,9 @@ def start_cluster(system: str, base_dir: str) -> LocalCluster:
     # The Saga Log alone: its coordinator would otherwise start running the bench's
     # sagas (their participants do not exist) and race the bench's own records.
     extra = ("--no-coordinator",) if system == "saga" else ()
-    cluster = cls(os.path.join(base_dir, system), nodes=3, extra_args=extra)
+    cluster = cls(
+        os.path.join(base_dir, system), nodes=3, extra_args=extra, test_propose=system == "saga"
+    )
     try:
         cluster.start_all()
         leader = cluster.wait_for_leader(timeout_s=START_TIMEOUT_S)

@@ -75,7 +75,12 @@ def digest(cluster: LocalCluster, node: str) -> cluster_pb2.DigestReply:
 
 def run(n: int, base: str, timeout_s: float) -> dict:
     parts = TravelParticipants(os.path.join(base, "participants"))
-    cluster = LocalCluster(os.path.join(base, "cluster"), nodes=3, extra_args=("--no-coordinator",))
+    cluster = LocalCluster(
+        os.path.join(base, "cluster"),
+        nodes=3,
+        extra_args=("--no-coordinator",),
+        test_propose=True,
+    )
     try:
         parts.start_all()
         parts.wait_ready(15)

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from saga.v1 import log_pb2, sagas_pb2, sagas_pb2_grpc
 
+from cluster.auth import bearer
 from cluster.client import (
     DEFAULT_RUN_TIMEOUT_S,
     ENDED,
@@ -39,12 +40,14 @@ class AsyncSagaClient:
         addrs: Sequence[str],
         call_timeout_s: float = 10.0,
         retry_deadline_s: float = 30.0,
+        token: str | None = None,
     ) -> None:
         if not addrs:
             raise ValueError("give at least one node address")
         self.addrs = list(addrs)
         self.call_timeout_s = call_timeout_s
         self.retry_deadline_s = retry_deadline_s
+        self._metadata = bearer(token)
         self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addrs]
         self._stubs = [sagas_pb2_grpc.SagasStub(c) for c in self._channels]
         self._preferred = 0
@@ -65,7 +68,9 @@ class AsyncSagaClient:
             stub = self._stubs[attempts.node]
             timeout = attempts.remaining_s() if deadline_s else self.call_timeout_s
             try:
-                reply = await getattr(stub, method)(request, timeout=max(timeout, 0.001))
+                reply = await getattr(stub, method)(
+                    request, timeout=max(timeout, 0.001), metadata=self._metadata
+                )
                 self._preferred = attempts.node
                 return reply
             except grpc.RpcError as exc:
@@ -132,7 +137,11 @@ class AsyncSagaClient:
             stub = self._stubs[attempts.node]
             request = sagas_pb2.WatchRequest(saga_id=saga_id, from_seq=seq)
             try:
-                stream = stub.Watch(request, timeout=timeout_s and max(attempts.remaining_s(), 0))
+                stream = stub.Watch(
+                    request,
+                    timeout=timeout_s and max(attempts.remaining_s(), 0),
+                    metadata=self._metadata,
+                )
                 async for event in stream:
                     yield event
                     seq = event.seq + 1

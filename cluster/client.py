@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from saga.v1 import log_pb2, sagas_pb2, sagas_pb2_grpc
 
+from cluster.auth import bearer
 from cluster.grpcutil import channel_to
 
 # Codes after which the same call may be sent again: nothing was done, or the
@@ -97,12 +98,15 @@ class SagaClient:
         addrs: Sequence[str],
         call_timeout_s: float = 10.0,
         retry_deadline_s: float = 30.0,
+        token: str | None = None,
     ) -> None:
+        """`token`: the bearer token of a cluster that runs with --auth-file."""
         if not addrs:
             raise ValueError("give at least one node address")
         self.addrs = list(addrs)
         self.call_timeout_s = call_timeout_s
         self.retry_deadline_s = retry_deadline_s
+        self._metadata = bearer(token)
         self._channels = [channel_to(a) for a in self.addrs]
         self._stubs = [sagas_pb2_grpc.SagasStub(c) for c in self._channels]
         self._preferred = 0
@@ -125,7 +129,9 @@ class SagaClient:
             stub = self._stubs[attempts.node]
             timeout = attempts.remaining_s() if deadline_s else self.call_timeout_s
             try:
-                reply = getattr(stub, method)(request, timeout=max(timeout, 0.001))
+                reply = getattr(stub, method)(
+                    request, timeout=max(timeout, 0.001), metadata=self._metadata
+                )
                 self._preferred = attempts.node
                 return reply
             except grpc.RpcError as exc:
@@ -197,7 +203,11 @@ class SagaClient:
             stub = self._stubs[attempts.node]
             request = sagas_pb2.WatchRequest(saga_id=saga_id, from_seq=seq)
             try:
-                stream = stub.Watch(request, timeout=timeout_s and max(attempts.remaining_s(), 0))
+                stream = stub.Watch(
+                    request,
+                    timeout=timeout_s and max(attempts.remaining_s(), 0),
+                    metadata=self._metadata,
+                )
                 for event in stream:
                     yield event
                     seq = event.seq + 1

@@ -70,6 +70,18 @@ class NodeConfig:
     coordinator: bool = True
     """Run the Saga Execution Coordinator while this node leads. Off only to
     measure the log alone (bench/log_append.py): sagas are then logged, not run."""
+    auth_file: str | None = None
+    """TOML file of token hashes and roles (cluster.auth). Without one every call is
+    allowed, which a node accepts only on a loopback gRPC address."""
+    insecure_grpc: bool = False
+    """Serve gRPC in plaintext on a non-loopback address (TLS is not built yet, so a
+    node on another interface needs it), and without --auth-file there."""
+    participant_allow: tuple[str, ...] = ()
+    """Participant endpoints a saga may name: HOST:PORT or HOST:* entries. Empty:
+    any HOST:PORT (never a URI scheme: see coordinator.definition.check_endpoint)."""
+    test_propose: bool = False
+    """Testing aid: serve Cluster.Propose, which appends raw saga records (never
+    cluster records). Off in production: clients use the Sagas service."""
     fault_file: str | None = None
     """Testing aid: a JSON file of Raft link faults (see sagalog.raft.LinkFaults),
     re-read when it changes. Never set it in production."""
@@ -106,6 +118,12 @@ class NodeConfig:
                 "a Raft password is required (--raft-password-file FILE): Raft traffic is "
                 "pickled, and anyone who can reach the port could run code in this node; "
                 "--insecure-raft runs without one, on loopback addresses only"
+            )
+        if not is_loopback(self.grpc_addr) and not self.insecure_grpc:
+            raise ValueError(
+                f"--grpc-addr {self.grpc_addr} is not loopback: this node serves gRPC in "
+                "plaintext (TLS is not built yet), so it needs --insecure-grpc there, "
+                "and --auth-file so that callers present a token"
             )
         if self.raft_password is None:
             exposed = [a for a in raft_addrs if not is_loopback(a)]
@@ -173,6 +191,28 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fault-file", metavar="FILE", help="testing aid: Raft link faults (JSON)")
     p.add_argument(
+        "--auth-file",
+        metavar="FILE",
+        help="token hashes and roles (sagactl auth add-token); callers then need a token",
+    )
+    p.add_argument(
+        "--insecure-grpc",
+        action="store_true",
+        help="serve plaintext gRPC on a non-loopback address",
+    )
+    p.add_argument(
+        "--participant-allow",
+        action="append",
+        default=None,
+        metavar="HOST:PORT|HOST:*",
+        help="a participant endpoint sagas may name (repeat; default: any HOST:PORT)",
+    )
+    p.add_argument(
+        "--test-propose",
+        action="store_true",
+        help="testing aid: serve Cluster.Propose (raw saga records); never in production",
+    )
+    p.add_argument(
         "--ended-retention-s",
         type=float,
         metavar="SECONDS",
@@ -209,6 +249,16 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
         values["peers"] = tuple(Peer.parse(p) for p in args.peer)
     if args.fault_file:
         values["fault_file"] = args.fault_file
+    if args.test_propose:
+        values["test_propose"] = True
+    if args.auth_file:
+        values["auth_file"] = args.auth_file
+    if args.insecure_grpc:
+        values["insecure_grpc"] = True
+    if args.participant_allow is not None:
+        values["participant_allow"] = tuple(args.participant_allow)
+    if "participant_allow" in values:  # TOML gives a list
+        values["participant_allow"] = tuple(values["participant_allow"])
     if args.ended_retention_s is not None:
         values["ended_retention_s"] = args.ended_retention_s
     if args.no_coordinator:

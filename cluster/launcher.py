@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
+from cluster import auth as auth_mod
 from cluster.grpcutil import channel_to
 from sagalog.raft import RaftTiming
 
@@ -96,6 +97,8 @@ class LocalCluster:
         password: str | None = None,
         extra_args: tuple[str, ...] = (),
         link_faults: bool = False,
+        test_propose: bool = False,
+        auth: bool = False,
     ) -> None:
         if nodes not in (3, 5):
             raise ValueError(f"a local cluster has 3 or 5 nodes, not {nodes}")
@@ -108,7 +111,18 @@ class LocalCluster:
         self.password_file = write_secret(
             os.path.join(self.base_dir, "raft.secret"), password or secrets.token_urlsafe(32)
         )
-        self.extra_args = extra_args
+        # With auth, a token per role (self.tokens); the launcher's own calls use admin's.
+        self.tokens: dict[str, str] = {}
+        if auth:
+            auth_file = os.path.join(self.base_dir, "auth.toml")
+            if os.path.exists(auth_file):
+                os.remove(auth_file)
+            for role in auth_mod.ROLES:
+                self.tokens[role] = auth_mod.add_token(auth_file, f"test-{role}", role)
+            extra_args = (*extra_args, "--auth-file", auth_file)
+        self._metadata = auth_mod.bearer(self.tokens.get("admin"))
+        # Tests and benches that append raw records turn on Cluster.Propose.
+        self.extra_args = (*extra_args, "--test-propose") if test_propose else extra_args
         ports = free_ports(2 * nodes, host)
         self.specs = {
             f"n{i + 1}": NodeSpec(
@@ -241,7 +255,9 @@ class LocalCluster:
 
     def status(self, node_id: str, timeout_s: float = 1.0) -> cluster_pb2.StatusReply | None:
         try:
-            return self.stub(node_id).Status(cluster_pb2.StatusRequest(), timeout=timeout_s)
+            return self.stub(node_id).Status(
+                cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError:
             return None
 

@@ -22,12 +22,13 @@ from typing import Any
 import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 
+from cluster import auth
 from cluster import identity as ident
 from cluster.config import NodeConfig, from_args
 from cluster.grpcutil import channel_to
 from cluster.push import AppliedFeed
 from cluster.retention import Retention
-from cluster.sagas_service import SagasService
+from cluster.sagas_service import MAX_PUSH_STREAMS, SagasService
 from cluster.service import ClusterService, raft_role
 from coordinator.admission import MAX_LIMIT
 from coordinator.driver import Driver
@@ -48,6 +49,10 @@ EXIT_REFUSED = 78  # EX_CONFIG: this node must not start as configured
 
 DUTY_PERIOD_S = 0.02
 GRPC_MAX_MESSAGE_BYTES = codec.MAX_BATCH_BYTES + (1 << 20)
+# Calls a node holds at once, waiting ones included; past it gRPC answers
+# RESOURCE_EXHAUSTED. Room for every Watch and Run stream plus the unary calls
+# queued on the thread pool (whose queue would otherwise be unbounded).
+MAX_CONCURRENT_RPCS = MAX_PUSH_STREAMS + 1_000
 
 
 class WipedNodeError(Exception):
@@ -64,7 +69,7 @@ def check_not_wiped(config: NodeConfig, me: ident.Identity) -> None:
             try:
                 with channel_to(peer.grpc_addr) as channel:
                     reply = cluster_pb2_grpc.ClusterStub(channel).Status(
-                        cluster_pb2.StatusRequest(), timeout=0.3
+                        cluster_pb2.StatusRequest(), timeout=0.3, metadata=node_metadata(config)
                     )
             except grpc.RpcError:
                 continue
@@ -81,6 +86,12 @@ def check_not_wiped(config: NodeConfig, me: ident.Identity) -> None:
                 )
         if pending:
             time.sleep(0.1)
+
+
+def node_metadata(config: NodeConfig) -> list[tuple[str, str]]:
+    """What this node presents when it calls another node on its own behalf."""
+    password = config.raft_password
+    return auth.bearer(auth.node_credential(password)) if password else []
 
 
 def registry_in_store(data_dir: str) -> dict[str, bytes]:
@@ -108,6 +119,7 @@ class Node:
         self.config = config
         self.me = me
         self.service = ClusterService(config, registry_in_store(config.data_dir))
+        self._callers = auth.load(config.auth_file) if config.auth_file else None
         self._executor = futures.ThreadPoolExecutor(
             max_workers=config.grpc_workers, thread_name_prefix="grpc"
         )
@@ -193,6 +205,12 @@ class Node:
     async def _start_server(self) -> grpc.aio.Server:
         server = grpc.aio.server(
             migration_thread_pool=self._executor,
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+            interceptors=(
+                [auth.Authenticator(self._callers, self.config.raft_password)]
+                if self._callers is not None
+                else []
+            ),
             options=[
                 ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
@@ -200,7 +218,8 @@ class Node:
             ],
         )
         cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, server)
-        sagas_pb2_grpc.add_SagasServicer_to_server(SagasService(self), server)
+        sagas = SagasService(self, self.config.participant_allow)
+        sagas_pb2_grpc.add_SagasServicer_to_server(sagas, server)
         if server.add_insecure_port(self.config.grpc_addr) == 0:
             raise OSError(f"cannot listen on --grpc-addr {self.config.grpc_addr}")
         await server.start()
@@ -399,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         if node is not None:
             node.stop()
         return EXIT_STORAGE_FAILURE
+    except auth.AuthError as exc:
+        log.critical("refusing to start: %s", exc)
+        return EXIT_USAGE
     except (ident.IdentityError, WipedNodeError, OSError) as exc:
         log.critical("refusing to start: %s", exc)
         if node is not None:

@@ -22,6 +22,7 @@ import yaml
 from google.protobuf import json_format
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2
 
+from cluster import auth
 from cluster.client import SagaClient
 from cluster.grpcutil import channel_to
 from cluster.launcher import LocalCluster, load_state
@@ -140,7 +141,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
         try:
             with channel_to(addr) as channel:
                 reply = cluster_pb2_grpc.ClusterStub(channel).ForgetMember(
-                    cluster_pb2.ForgetMemberRequest(node_id=args.id), timeout=10
+                    cluster_pb2.ForgetMemberRequest(node_id=args.id),
+                    timeout=10,
+                    metadata=auth.bearer(_token(args)),
                 )
             print(
                 f"node {args.id} forgotten; start it with an empty data directory to re-add it"
@@ -154,9 +157,33 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 1
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The caller's token: --token-file, else $SAGA_TOKEN (clusters with --auth-file)."""
+    path = getattr(args, "token_file", None)
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    return os.environ.get("SAGA_TOKEN") or None
+
+
 def _client(args: argparse.Namespace) -> SagaClient:
     addrs = args.addr.split(",") if args.addr else _addresses(args)
-    return SagaClient(addrs)
+    return SagaClient(addrs, token=_token(args))
+
+
+def cmd_add_token(args: argparse.Namespace) -> int:
+    try:
+        token = auth.add_token(args.auth_file, args.name, args.role)
+    except (auth.AuthError, OSError) as exc:
+        print(f"sagactl: {exc}", file=sys.stderr)
+        return 1
+    print(token)
+    print(
+        f"(the token of {args.name!r}, role {args.role}: shown once, only its hash is in "
+        f"{args.auth_file})",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def load_definition(path: str) -> log_pb2.SagaDefinition:
@@ -389,7 +416,16 @@ def parser() -> argparse.ArgumentParser:
     forget.add_argument("--id", required=True)
     forget.add_argument("--dir", default=DEFAULT_DIR)
     forget.add_argument("--addr", help="HOST:PORT of any running node's gRPC server")
+    forget.add_argument("--token-file", help="an admin token (default: $SAGA_TOKEN)")
     forget.set_defaults(func=cmd_forget)
+
+    auth_cmd = top.add_parser("auth", help="tokens for clusters that run with --auth-file")
+    auth_sub = auth_cmd.add_subparsers(dest="command", required=True)
+    add_token = auth_sub.add_parser("add-token", help="make a token; print it once")
+    add_token.add_argument("--auth-file", required=True, help="created with mode 0600")
+    add_token.add_argument("--name", required=True, help="who holds it (shown in node logs)")
+    add_token.add_argument("--role", required=True, choices=auth.ROLES)
+    add_token.set_defaults(func=cmd_add_token)
 
     chaos = top.add_parser("chaos", help="a seeded fault schedule under load, then the checker")
     chaos.add_argument("--duration", type=float, default=120.0, help="seconds of faults")
@@ -420,6 +456,7 @@ def parser() -> argparse.ArgumentParser:
         c = ssub.add_parser(name, help=text)
         c.add_argument("--dir", default=DEFAULT_DIR)
         c.add_argument("--addr", help="HOST:PORT[,HOST:PORT...] of any nodes")
+        c.add_argument("--token-file", help="the caller's token (default: $SAGA_TOKEN)")
         c.set_defaults(func=cmd_saga)
         return c
 

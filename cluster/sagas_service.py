@@ -35,10 +35,11 @@ from typing import Any, Protocol
 import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2_grpc
 
+from cluster import auth
 from cluster.grpcutil import channel_to
 from cluster.push import AppliedFeed, Subscription
 from cluster.service import PROPOSE_ERROR_CODES, READ_INDEX_TIMEOUT_S
-from coordinator.definition import check_definition
+from coordinator.definition import check_definition, endpoint_allowed
 from coordinator.view import SagaView
 from sagalog import codec
 from sagalog import records as rec
@@ -171,14 +172,22 @@ class Call:
 
     forwarded: bool  # a follower sent it here: never forward it again
     time_remaining_s: float | None
+    authorization: str | None = None  # the caller's credential, passed on when forwarding
 
     @staticmethod
     def of(context: Any) -> Call:
-        remaining = context.time_remaining()
+        metadata = dict(context.invocation_metadata() or ())
         return Call(
-            forwarded=bool(dict(context.invocation_metadata() or ()).get(FORWARDED)),
-            time_remaining_s=remaining,
+            forwarded=bool(metadata.get(FORWARDED)),
+            time_remaining_s=context.time_remaining(),
+            authorization=metadata.get(auth.HEADER),
         )
+
+    def forwarding(self) -> list[tuple[str, str]]:
+        """Metadata of this call sent on to the leader: marked, with the caller's
+        own credential (the leader checks the caller's role, not this node's)."""
+        extra = [(auth.HEADER, self.authorization)] if self.authorization else []
+        return [(FORWARDED, "1"), *extra]
 
 
 def _answers(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -204,8 +213,9 @@ def _records_or_tombstone(
 
 
 class SagasService(sagas_pb2_grpc.SagasServicer):
-    def __init__(self, node: NodeView) -> None:
+    def __init__(self, node: NodeView, participant_allow: tuple[str, ...] = ()) -> None:
         self._node = node
+        self._participant_allow = participant_allow
         # One channel per leader address, never closed while calls may use it.
         self._channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
@@ -235,7 +245,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             return getattr(stub, method)(
                 request,
                 timeout=remaining if remaining is not None else WRITE_TIMEOUT_S * 2,
-                metadata=[(FORWARDED, "1")],
+                metadata=call.forwarding(),
             )
         except grpc.RpcError as exc:
             raise Refusal(exc.code(), exc.details()) from None
@@ -275,7 +285,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                 reply = stub.ReadIndex(
                     cluster_pb2.ReadIndexRequest(),
                     timeout=READ_INDEX_TIMEOUT_S,
-                    metadata=[(FORWARDED, "1")],
+                    metadata=call.forwarding(),
                 )
                 index = reply.index
         except (ReadRefused, TimeoutError) as exc:
@@ -313,8 +323,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
 
     # ---- writes ----------------------------------------------------------------------
 
-    @staticmethod
-    def _checked(request: Any) -> sagas_pb2.SubmitRequest:
+    def _checked(self, request: Any) -> sagas_pb2.SubmitRequest:
         """The request with its saga id (generated when empty), once valid."""
         saga_id = request.saga_id or uuid.uuid4().hex
         for error in (
@@ -324,6 +333,13 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         ):
             if error:
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, error)
+        for v in request.definition.vertices:
+            if not endpoint_allowed(v.endpoint, self._participant_allow):
+                raise Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"vertex {v.name!r}: endpoint {v.endpoint!r} is not among the participants "
+                    "this cluster may call (--participant-allow)",
+                )
         if request.saga_id != saga_id:
             request = sagas_pb2.SubmitRequest(
                 definition=request.definition, payload=request.payload, saga_id=saga_id
@@ -414,10 +430,13 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         if request.vertex not in view.state.vertices:
             raise Refusal(grpc.StatusCode.NOT_FOUND, f"no vertex {request.vertex!r} in the saga")
         comp = view.comp(request.vertex)
-        if comp not in (Comp.STARTED, Comp.STUCK):
+        if comp is not Comp.STUCK:
+            # A compensation merely started may still be running: closing it by hand
+            # could leave its booking in effect under an ABORTED saga.
             raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"vertex {request.vertex!r} has no compensation in progress ({comp.value})",
+                f"vertex {request.vertex!r}: only a STUCK compensation can be resolved "
+                f"(this one is {comp.value})",
             )
         record = rec.end_c(
             request.saga_id,

@@ -116,6 +116,19 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         return reply
 
     def Propose(self, request: Any, context: Any) -> cluster_pb2.ProposeReply:
+        if not self._config.test_propose:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "Cluster.Propose appends raw records: a testing aid, off unless the node runs "
+                "with --test-propose; clients use the Sagas service",
+            )
+        records, error = codec.decode_batch(request.batch)
+        forged = sorted({codec.body_name(r) for r in records} & codec.CLUSTER_BODIES)
+        if not error and forged:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"cluster records ({', '.join(forged)}) come only from a node's own duties",
+            )
         timeout_ms = request.timeout_ms or self._config.propose_timeout_ms
         if timeout_ms > MAX_PROPOSE_TIMEOUT_MS:
             context.abort(
@@ -168,6 +181,15 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     def ForgetMember(self, request: Any, context: Any) -> cluster_pb2.ForgetMemberReply:
         if request.node_id == self._config.id:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a node cannot forget itself")
+        raft, _ = self._started(context)
+        peer = next((p for p in self._config.peers if p.id == request.node_id), None)
+        connected = {n.id for n in raft.otherNodes if raft.isNodeConnected(n)}
+        if peer is not None and peer.raft_addr in connected:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {request.node_id} is connected: forget only a node that is stopped "
+                "(its data directory was wiped and it must rejoin as a new incarnation)",
+            )
         batch = codec.encode_batch([rec.forget_member(request.node_id)])
         result = self._propose(batch, self._config.propose_timeout_ms / 1000, context)
         if result.error:

@@ -7,6 +7,7 @@ problem. Zero means "the default" for timeout, attempts and backoff fields.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from saga.v1 import log_pb2
@@ -16,7 +17,10 @@ from sagalog.transitions import Event, Kind, SagaState, decide
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 ACTION_RE = re.compile(r"^[A-Za-z0-9_.\-:/]{1,128}$")
-ENDPOINT_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+# A participant endpoint is HOST:PORT and nothing else gRPC could dial (unix:,
+# vsock:, dns: and other URI schemes would let a caller aim the leader anywhere).
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.?)+$")
+PORT_RE = re.compile(r"^[0-9]{1,5}$")
 MAX_DEFINITION_NAME = 128
 TIMEOUT_MS_RANGE = (10, 300_000)
 MAX_ATTEMPTS_RANGE = (1, 100)
@@ -53,8 +57,9 @@ def _check_vertex(v: log_pb2.Vertex) -> str:
         return "a vertex has an empty name"
     if not NAME_RE.fullmatch(v.name):
         return "the name may hold 1-128 letters, digits, _ . -"
-    if not ENDPOINT_RE.fullmatch(v.endpoint):
-        return f"endpoint {v.endpoint!r} is not HOST:PORT"
+    error = check_endpoint(v.endpoint)
+    if error:
+        return error
     for label, action in (("request", v.request), ("compensation", v.compensation)):
         if not ACTION_RE.fullmatch(action):
             return f"the {label} action {action!r} must be 1-128 of letters, digits, _ . - : /"
@@ -71,6 +76,32 @@ def _check_vertex(v: log_pb2.Vertex) -> str:
     if b.multiplier and not _within(b.multiplier, MULTIPLIER_RANGE):
         return f"backoff.multiplier {b.multiplier} is outside {MULTIPLIER_RANGE}"
     return ""
+
+
+def check_endpoint(endpoint: str) -> str:
+    """ "" for HOST:PORT (a DNS name of at most 253 characters, an IPv4 address or
+    a bracketed IPv6 address; port 1-65535), else what is wrong with it."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not PORT_RE.fullmatch(port) or not 1 <= int(port) <= 65535:
+        return f"endpoint {endpoint[:300]!r} is not HOST:PORT with a port in 1-65535"
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return f"endpoint {endpoint!r}: {host} is not an IPv6 address"
+        return ""
+    if not HOSTNAME_RE.fullmatch(host):
+        return f"endpoint {endpoint[:300]!r}: the host must be a DNS name or an IP address"
+    return ""
+
+
+def endpoint_allowed(endpoint: str, allowed: tuple[str, ...]) -> bool:
+    """Whether an allow-list admits the endpoint: entries are HOST:PORT or HOST:*
+    (any port of that host); an empty list admits every endpoint."""
+    if not allowed:
+        return True
+    host = endpoint.rpartition(":")[0]
+    return endpoint in allowed or f"{host}:*" in allowed
 
 
 def _within(value: float, bounds: tuple[float, float]) -> bool:

@@ -59,6 +59,12 @@ STEP_REQUEST_MAX_BYTES = (
 TURN_WAIT_S = 0.05  # longest idle wait for an event
 
 
+def unreachable(vertex: str, code: str) -> str:
+    """What the log (and so a client's Get) says of a transport failure: which vertex,
+    and gRPC's code; never the transport's text."""
+    return f"{code}: participant {vertex!r} could not be reached"
+
+
 @dataclass
 class _Run:
     view: SagaView
@@ -508,7 +514,9 @@ class Driver:
         try:
             future = method.future(request, timeout=core.timeout_ms(vertex) / 1000)
         except Exception as exc:  # e.g. an endpoint gRPC cannot parse
-            self._post(("reply", saga_id, call, core.Reply(None, error=str(exc))))
+            log.info("saga %s: cannot call %s: %s", saga_id, call.vertex, exc)
+            reply = core.Reply(None, error=unreachable(call.vertex, "ERROR"))
+            self._post(("reply", saga_id, call, reply))
             return
 
         def done(f: Any) -> None:
@@ -516,9 +524,13 @@ class Driver:
                 reply = f.result()
                 answer = core.Reply(bool(reply.ok), reply.output, reply.error)
             except grpc.RpcError as exc:
-                answer = core.Reply(None, error=f"{exc.code().name}: {exc.details()}")
+                # The transport's own text stays in this node's log: it can name
+                # hosts and addresses inside the cluster's network.
+                log.info("saga %s: %s unreachable: %s", saga_id, call.vertex, exc.details())
+                answer = core.Reply(None, error=unreachable(call.vertex, exc.code().name))
             except Exception as exc:
-                answer = core.Reply(None, error=str(exc))
+                log.info("saga %s: %s: %s", saga_id, call.vertex, exc)
+                answer = core.Reply(None, error=unreachable(call.vertex, "ERROR"))
             self._post(("reply", saga_id, call, answer))
 
         future.add_done_callback(done)

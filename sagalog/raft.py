@@ -44,6 +44,7 @@ import os
 import pickle
 import random
 import shutil
+import struct
 import tarfile
 import threading
 import time
@@ -123,6 +124,13 @@ STALL_WARN_S = 0.15  # half the leader fallback: a stall this long is logged
 _ROLES = {0: "follower", 1: "candidate", 2: "leader"}  # pysyncobj's _RAFT_STATE, for logs
 _KEEPALIVE = {"type": "keepalive"}  # a type pysyncobj does not know; never passed to it
 READ_ROUND = "read_round"  # our field in AppendEntries and their answers; pysyncobj ignores it
+# The largest frame a peer may send: one AppendEntries holds at most one batch's worth
+# of entries (raft_conf), pickled, compressed and, with the password, Fernet-encoded
+# (base64: 4/3). pysyncobj itself buffers whatever a 32-bit length prefix announces.
+MAX_FRAME_BYTES = 2 * (MAX_BATCH_BYTES + 64 * 1024) + (1 << 20)
+# An incoming connection that has not said which peer it is by then is closed
+# (pysyncobj keeps a silent connection open for good).
+AUTH_TIMEOUT_S = 3.0
 
 
 class _SyncingTransport(TCPTransport):
@@ -141,6 +149,7 @@ class _SyncingTransport(TCPTransport):
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         super().__init__(syncObj, selfNode, otherNodes)
+        self._unknown_since: dict[Any, float] = {}  # incoming connection -> when accepted
         path = getattr(syncObj, "_fault_file", None)
         self._faults = LinkFaults(path) if path else None
         self._next_keepalive = 0.0
@@ -176,9 +185,41 @@ class _SyncingTransport(TCPTransport):
                 answered(node, message[READ_ROUND])
         super()._onMessageReceived(node, message)
 
+    # ---- who may talk to this node -------------------------------------------------
+
+    def _onNewIncomingConnection(self, conn: Any) -> None:
+        super()._onNewIncomingConnection(conn)
+        self._unknown_since[conn] = time.monotonic()
+        read = conn._TcpConnection__processRead
+        conn._TcpConnection__processRead = lambda: _read_capped(conn, read)
+
+    def _onIncomingMessageReceived(self, conn: Any, message: Any) -> None:
+        # Utility commands (status, leadership transfer, membership) and read-only
+        # peers are pysyncobj features this cluster does not use: refused outright.
+        handshake = bool(self._syncObj.encryptor) and not conn.sendRandKey
+        if not handshake and (isinstance(message, list) or message == "readonly"):
+            log.warning("refused a Raft connection that sent %.40r", message)
+            self._unknown_since.pop(conn, None)
+            self._unknownConnections.discard(conn)
+            conn.disconnect()
+            return
+        super()._onIncomingMessageReceived(conn, message)
+        if conn not in self._unknownConnections:
+            self._unknown_since.pop(conn, None)
+
+    def _close_silent_connections(self, now: float) -> None:
+        for conn, since in list(self._unknown_since.items()):
+            if conn not in self._unknownConnections:
+                del self._unknown_since[conn]
+            elif now - since > AUTH_TIMEOUT_S:
+                del self._unknown_since[conn]
+                self._unknownConnections.discard(conn)
+                conn.disconnect()
+
     def _onTick(self) -> None:
         super()._onTick()
         now = time.monotonic()
+        self._close_silent_connections(now)
         if now >= self._next_keepalive:
             self._next_keepalive = now + KEEPALIVE_S
             for peer in list(self._connections):
@@ -187,6 +228,20 @@ class _SyncingTransport(TCPTransport):
             for node, message in self._faults.due():
                 self._syncObj._journal.sync()
                 super().send(node, message)
+
+
+def _read_capped(conn: Any, read: Callable[[], bool]) -> bool:
+    """pysyncobj's read of a connection's socket, closing it on an oversized frame
+    (or a negative length) before the frame is buffered."""
+    more = read()
+    buffer = conn._TcpConnection__readBuffer
+    if len(buffer) >= 4:
+        (length,) = struct.unpack("i", buffer[:4])
+        if not 0 <= length <= MAX_FRAME_BYTES:
+            log.warning("closed a Raft connection announcing a %d-byte frame", length)
+            conn.disconnect()
+            return False
+    return more
 
 
 class LinkFaults:
@@ -678,9 +733,10 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         answers then look stale and it sends nothing a newer leader might contradict.
         """
         last = getattr(self, "_SyncObj__lastResponseTime", {})
+        voters = list(self._SyncObj__otherNodes)  # configured peers only
         deadline = raft_clock() - seconds
-        fresh = 1 + sum(1 for t in list(last.values()) if t > deadline)
-        return fresh > (len(last) + 1) / 2
+        fresh = 1 + sum(1 for n in voters if last.get(n, 0.0) > deadline)
+        return fresh > (len(voters) + 1) / 2
 
     @contextmanager
     def reading(self) -> Iterator[SagaLog]:

@@ -98,6 +98,7 @@ def make_cluster(tmp_path, request) -> Iterator[Callable[..., Harness]]:
     harnesses: list[Harness] = []
 
     def make(nodes: int = 3, **kwargs) -> Harness:
+        kwargs.setdefault("test_propose", True)  # the harness appends raw records
         cluster = LocalCluster(str(tmp_path / f"c{len(harnesses)}"), nodes=nodes, **kwargs)
         harness = Harness(cluster)
         harnesses.append(harness)

@@ -381,7 +381,7 @@ def test_200_sagas_survive_a_leader_kill_and_the_deposed_epoch_is_fenced(
         Car=["--refuse-saga-substring", "refuse"],
         Payment=["--latency-ms", "100"],
     )
-    own = LocalCluster(str(tmp_path / "own"), nodes=3)
+    own = LocalCluster(str(tmp_path / "own"), nodes=3, test_propose=True)
     own.start_all()
     try:
         leader = own.wait_for_leader(15)

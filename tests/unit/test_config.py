@@ -122,3 +122,16 @@ def test_a_password_file_allows_any_address(tmp_path) -> None:
     argv = _node("10.0.0.1:7001", "n2=10.0.0.2:7002,10.0.0.2:8002", "n3=10.0.0.3:7003,x:1")
     config, _ = from_args(argv + ["--raft-password-file", str(secret)])
     assert config.raft_password == "a long enough secret" and not config.insecure_raft
+
+
+def test_a_non_loopback_grpc_address_needs_insecure_grpc() -> None:
+    argv = BASE + ["--grpc-addr", "10.0.0.1:8001"]
+    with pytest.raises(ValueError, match="--insecure-grpc"):
+        from_args(argv)
+    config, _ = from_args(argv + ["--insecure-grpc"])
+    assert config.insecure_grpc
+
+
+def test_participant_allow_list_from_flags() -> None:
+    config, _ = from_args(BASE + ["--participant-allow", "h:1", "--participant-allow", "h2:*"])
+    assert config.participant_allow == ("h:1", "h2:*")

@@ -77,9 +77,10 @@ class ClusterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Propose(self, request, context):
-        """Propose an encoded RecordBatch through this node's Raft (forwarded to the
-        leader by Raft) and wait for it to be applied. Low level: the coordinator
-        and tests use it; clients use the Sagas service.
+        """Testing aid, off unless the node runs with --test-propose (PERMISSION_DENIED
+        otherwise): propose an encoded RecordBatch of saga records through this
+        node's Raft and wait for it to be applied. Cluster records (Epoch, Member,
+        ForgetMember, LogFormat, PurgeEnded) are always refused. Clients use Sagas.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +112,7 @@ class ClusterServicer:
 
     def ForgetMember(self, request, context):
         """Forget a node's registered incarnation so that a node whose data directory
-        was wiped may rejoin (see README, "Re-adding a wiped node").
+        was wiped may rejoin (FAILED_PRECONDITION while that node is connected) (see README, "Re-adding a wiped node").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
