@@ -92,8 +92,9 @@ def trial(
         t0 = time.time()
         cluster.kill(leader.id)
     finally:
-        # (A participant still paused when the new leader re-sends gave some of those
-        # calls CANCELLED on resume, then a retry after backoff: a bench artefact.)
+        # (A participant resumed here once answered some of the new leader's calls
+        # CANCELLED: gRPC core dropped calls past 1,000 waiting; see
+        # cluster.grpcutil.PENDING_REQUEST_OPTIONS, which the participants now set.)
         os.kill(payment, signal.SIGCONT)
     new = cluster.wait_for_leader(30)
     in_office_s = time.time() - t0

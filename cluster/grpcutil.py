@@ -15,5 +15,17 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# gRPC core's server drops calls at random once more than `max_pending_requests`
+# (default 1,000) wait to be handed to Python, and in grpcio 1.85 (experiment
+# optimization_04) a dropped call reaches its client as a bare CANCELLED. A
+# participant resumed from SIGSTOP after a failover held the old leader's ~1,000
+# calls and the new leader's ~1,000: 142 of 1,000 came back CANCELLED. Servers
+# queue up to the coordinators' own bound (two leaders' MAX_CALLS_IN_FLIGHT).
+PENDING_REQUEST_OPTIONS = [
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
+]
+
+
 def channel_to(addr: str) -> grpc.Channel:
     return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)

@@ -25,7 +25,7 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 from cluster import auth
 from cluster import identity as ident
 from cluster.config import NodeConfig, from_args
-from cluster.grpcutil import channel_to
+from cluster.grpcutil import PENDING_REQUEST_OPTIONS, channel_to
 from cluster.push import AppliedFeed
 from cluster.retention import Retention
 from cluster.sagas_service import MAX_PUSH_STREAMS, SagasService
@@ -215,6 +215,7 @@ class Node:
                 ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
+                *PENDING_REQUEST_OPTIONS,
             ],
         )
         cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, server)

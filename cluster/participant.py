@@ -42,6 +42,8 @@ from typing import Any, NamedTuple, NoReturn
 import grpc
 from saga.v1 import participant_pb2, participant_pb2_grpc
 
+from cluster.grpcutil import PENDING_REQUEST_OPTIONS
+
 log = logging.getLogger("saga.participant")
 
 EXIT_USAGE = 2
@@ -791,6 +793,7 @@ class ParticipantServer:
                 # A request carries the saga's payload and its completed outputs:
                 # up to 256 KiB + 64 x 64 KiB, above gRPC's 4 MiB default.
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                *PENDING_REQUEST_OPTIONS,
             ],
         )
         participant_pb2_grpc.add_ParticipantServicer_to_server(self.service, self.server)
