@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test test-quick demo bench bench-e2e bench-failover bench-resume bench-ended soak chaos proto clean
+.PHONY: test test-quick demo bench bench-e2e bench-client bench-failover bench-resume bench-ended soak chaos proto clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,12 @@ bench: $(BIN)/.installed
 bench-e2e: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/e2e.py
+
+## The client's view, closed loop: Run, Submit+Watch, direct and DBOS baselines, 1,000
+## watchers on a follower, reads (~8 minutes; bench/client.py --quick for a smoke run).
+bench-client: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/client.py
 
 ## SIGKILL the leader with 1,000 sagas in flight, 20 times (~8 minutes).
 bench-failover: $(BIN)/.installed
