@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +45,9 @@ MAX_PROPOSAL_BYTES = 4 * 1024 * 1024  # below codec.MAX_BATCH_BYTES
 MAX_PROPOSALS_IN_FLIGHT = 64
 PROPOSAL_DEADLINE_S = 3.0
 MAX_CALLS_IN_FLIGHT = 10_000
+# Calls to one participant endpoint at once: one that never answers holds at most
+# this share of MAX_CALLS_IN_FLIGHT (until its calls time out), not every saga's.
+MAX_CALLS_PER_ENDPOINT = 1_000
 SWEEP_INTERVAL_S = 1.0  # at most this often; longer with many sagas in flight
 SWEEP_SAGAS_PER_S = 20_000  # the sweep reads the in-flight index: spread its cost
 # Sagas re-planned per loop turn: a new leader with 100,000 sagas to resume still
@@ -125,6 +128,9 @@ class Driver:
         self._outbox: list[tuple[log_pb2.Record, tuple, float]] = []
         self._event_lag_s = 0.0  # see lag_s
         self._calls_in_flight = 0
+        self._calls_to: Counter[str] = Counter()  # calls in flight by endpoint
+        # Sagas waiting for a call slot of one endpoint, woken by its replies.
+        self._blocked_on: dict[str, OrderedDict[str, None]] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"driver-{epoch}", daemon=True)
@@ -247,7 +253,7 @@ class Driver:
             for saga_id, seq, record in event[1]:
                 self._apply(saga_id, seq, record)
         elif kind == "reply":
-            self._reply(event[1], event[2], event[3])
+            self._reply(event[1], event[2], event[3], event[4])
         elif kind == "proposed":
             self._proposed(event[1], event[2], event[3])
         elif kind == "confirmed":
@@ -340,8 +346,15 @@ class Driver:
             log.critical("crash point %s reached: exiting as if killed", point)
             os._exit(137)
 
-    def _reply(self, saga_id: str, call: core.Call, reply: core.Reply) -> None:
+    def _reply(self, saga_id: str, call: core.Call, reply: core.Reply, endpoint: str) -> None:
         self._calls_in_flight -= 1
+        self._calls_to[endpoint] -= 1
+        waiting = self._blocked_on.get(endpoint)
+        if waiting:
+            for blocked in _take(waiting, 1):
+                self._touch(blocked)
+            if not waiting:
+                del self._blocked_on[endpoint]
         self.stats["replies"] += 1
         run = self._runs.get(saga_id)
         if run is None:
@@ -498,6 +511,10 @@ class Driver:
         self._maybe_crash("mid_compensation" if call.compensation else "before_request")
         view = run.view
         vertex = view.vertices[call.vertex]
+        endpoint = vertex.endpoint
+        if self._calls_to[endpoint] >= MAX_CALLS_PER_ENDPOINT:
+            self._blocked_on.setdefault(endpoint, OrderedDict())[view.saga_id] = None
+            return
         request = core.step_request(view, call, self.epoch)
         stub = participant_pb2_grpc.ParticipantStub(self._channel(vertex.endpoint))
         method = stub.Compensate if call.compensation else stub.Execute
@@ -509,6 +526,7 @@ class Driver:
             return
         run.calls.add(call)
         self._calls_in_flight += 1
+        self._calls_to[endpoint] += 1
         self.stats["calls"] += 1
         saga_id = view.saga_id
         try:
@@ -516,7 +534,7 @@ class Driver:
         except Exception as exc:  # e.g. an endpoint gRPC cannot parse
             log.info("saga %s: cannot call %s: %s", saga_id, call.vertex, exc)
             reply = core.Reply(None, error=unreachable(call.vertex, "ERROR"))
-            self._post(("reply", saga_id, call, reply))
+            self._post(("reply", saga_id, call, reply, endpoint))
             return
 
         def done(f: Any) -> None:
@@ -531,6 +549,6 @@ class Driver:
             except Exception as exc:
                 log.info("saga %s: %s: %s", saga_id, call.vertex, exc)
                 answer = core.Reply(None, error=unreachable(call.vertex, "ERROR"))
-            self._post(("reply", saga_id, call, answer))
+            self._post(("reply", saga_id, call, answer, endpoint))
 
         future.add_done_callback(done)

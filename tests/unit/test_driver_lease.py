@@ -67,3 +67,33 @@ def test_a_failed_confirmation_keeps_the_driver_from_acting() -> None:
     deliver(driver)
     assert not driver._leading()
     assert len(raft.callbacks) == 2  # asks again
+
+
+def test_an_endpoint_that_never_answers_holds_only_its_share_of_the_call_slots(
+    monkeypatch,
+) -> None:
+    from coordinator import core
+    from coordinator import driver as driver_mod
+    from coordinator.view import SagaView
+    from sagalog import records as rec
+
+    monkeypatch.setattr(driver_mod, "MAX_CALLS_PER_ENDPOINT", 3)
+    driver = Driver(FakeRaft(), epoch=1, node_id="n1", lease_s=60)
+    hanging = rec.chain_definition("v0", endpoint="127.0.0.1:9")  # discards everything
+    other = rec.chain_definition("v0", endpoint="127.0.0.1:7")
+    runs = {}
+    for i, definition in enumerate([hanging] * 5 + [other]):
+        saga_id = f"s{i}"
+        view = SagaView.from_records(saga_id, [rec.start_saga(saga_id, 1, definition, b"")])
+        runs[saga_id] = driver_mod._Run(view)
+        driver._call(runs[saga_id], core.Call("v0", False, 1))
+    to_hanging = [s for s in runs if runs[s].calls]
+    assert to_hanging == ["s0", "s1", "s2", "s5"]  # the third endpoint call in, then held
+    assert list(driver._blocked_on["127.0.0.1:9"]) == ["s3", "s4"]
+    # A reply from the hanging endpoint frees one slot: one waiting saga is re-planned.
+    driver._dirty.clear()
+    driver._reply("s0", core.Call("v0", False, 1), core.Reply(None, error="x"), "127.0.0.1:9")
+    assert list(driver._dirty) == ["s3"]
+    assert list(driver._blocked_on["127.0.0.1:9"]) == ["s4"]
+    for channel in driver._channels.values():
+        channel.close()
