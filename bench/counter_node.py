@@ -42,6 +42,7 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
 from cluster.config import DEFAULT_GRPC_WORKERS, Peer, read_secret
 from sagalog import codec
+from sagalog.framecipher import EncryptedFrames, FrameCipher
 from sagalog.journal import DurableJournal
 from sagalog.proposer import DEFAULT_MAX_IN_FLIGHT
 from sagalog.raft import RaftTiming, _durable_journal, _SyncingTransport, raft_conf
@@ -63,7 +64,7 @@ def raft_role(raft: SyncObj) -> int:
     return _ROLES.get(getattr(raft, "_SyncObj__raftState", 0), cluster_pb2.FOLLOWER)
 
 
-class CounterRaft(SyncObj):  # type: ignore[misc]
+class CounterRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
     """A replicated counter with SagaLogRaft's journal, transport and configuration."""
 
     # A class attribute, so that the first increment creates the instance attribute
@@ -81,13 +82,14 @@ class CounterRaft(SyncObj):  # type: ignore[misc]
     ) -> None:
         timing.validate()
         os.makedirs(data_dir, exist_ok=True)
+        self._cipher = FrameCipher(password) if password else None
         # _SyncingTransport reaches the journal through this attribute name.
         self._journal = DurableJournal(os.path.join(data_dir, "journal"))
         with _durable_journal(self._journal):
             super().__init__(
                 self_addr,
                 peer_addrs,
-                raft_conf(timing, data_dir, self_addr, password=password),
+                raft_conf(timing, data_dir, self_addr),
                 transportClass=_SyncingTransport,
             )
 

@@ -59,6 +59,7 @@ from pysyncobj.monotonic import monotonic as raft_clock  # not time.monotonic's 
 from pysyncobj.transport import TCPTransport
 
 from sagalog.codec import MAX_BATCH_BYTES
+from sagalog.framecipher import EncryptedFrames, FrameCipher
 from sagalog.fsync import fsync_dir, fsync_file, fsync_tree
 from sagalog.journal import DurableJournal, Entry
 from sagalog.kv import StoreError
@@ -379,7 +380,6 @@ def raft_conf(
     timing: RaftTiming,
     data_dir: str,
     bind_addr: str,
-    password: str | None = None,
     compaction_min_entries: int = 50_000,
     **hooks: Any,
 ) -> SyncObjConf:
@@ -387,9 +387,9 @@ def raft_conf(
     counter, which must run with exactly the same settings).
 
     `bind_addr` is the node's own Raft HOST:PORT: without it pysyncobj listens on
-    every interface (0.0.0.0), whatever host the node's address names."""
+    every interface (0.0.0.0), whatever host the node's address names. No
+    password here: frames are sealed by `EncryptedFrames` (sagalog.framecipher)."""
     return SyncObjConf(
-        password=password,
         bindAddress=bind_addr,
         autoTickPeriod=timing.tick_ms / 1000,
         appendEntriesPeriod=timing.append_period_ms / 1000,
@@ -434,7 +434,7 @@ def _durable_journal(
             pso_syncobj.Serializer = default_serializer
 
 
-class SagaLogRaft(SyncObj):  # type: ignore[misc]
+class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
     """A Raft replica of the Saga Log, with its files under `data_dir`:
 
     data_dir/journal       Raft journal (+ .meta term/vote, + .synced test aid)
@@ -459,6 +459,7 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
         self._fault_file = fault_file
         self._auto_tick = auto_tick
         self._on_state_changed = on_state_changed
+        self._cipher = FrameCipher(password) if password else None
         os.makedirs(data_dir, exist_ok=True)
         self._store_lock = threading.RLock()  # held by readers and by a store swap
         for leftover in ("snapshot.building", "checkpoint.building"):  # a crash mid-snapshot
@@ -485,7 +486,6 @@ class SagaLogRaft(SyncObj):  # type: ignore[misc]
             timing,
             data_dir,
             self_addr,
-            password=password,
             compaction_min_entries=compaction_min_entries,
             serializer=self._start_snapshot,
             deserializer=self._deserialize,

@@ -80,11 +80,11 @@ class _Peer:
     handshake: what a compromised or misconfigured host on the network could do."""
 
     def __init__(self, addr: str, password: str) -> None:
-        from pysyncobj.encryptor import getEncryptor
+        from sagalog.framecipher import FrameCipher
 
         host, port = addr.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=5)
-        self.fernet = getEncryptor(password)
+        self.cipher = FrameCipher(password)
         self.node_key = b""
         my_key = os.urandom(32)
         self.send(my_key)
@@ -93,13 +93,13 @@ class _Peer:
     def send(self, message: object) -> None:
         if self.node_key:
             message = (self.node_key, message)
-        data = self.fernet.encrypt_at_time(zlib.compress(pickle.dumps(message)), int(time.time()))
+        data = self.cipher.encrypt_at_time(zlib.compress(pickle.dumps(message)), int(time.time()))
         self.sock.sendall(struct.pack("i", len(data)) + data)
 
     def receive(self) -> bytes:
         header = self._exactly(4)
         data = self._exactly(struct.unpack("i", header)[0])
-        return pickle.loads(zlib.decompress(self.fernet.decrypt(data)))
+        return pickle.loads(zlib.decompress(self.cipher.decrypt(data)))
 
     def _exactly(self, n: int) -> bytes:
         out = b""
