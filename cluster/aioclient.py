@@ -28,6 +28,7 @@ from cluster.client import (
     ENDED,
     STREAM_RETRYABLE,
     Attempts,
+    client_tls,
     submit_request,
     timed_out,
 )
@@ -41,14 +42,24 @@ class AsyncSagaClient:
         call_timeout_s: float = 10.0,
         retry_deadline_s: float = 30.0,
         token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
+        """As SagaClient's."""
         if not addrs:
             raise ValueError("give at least one node address")
         self.addrs = list(addrs)
         self.call_timeout_s = call_timeout_s
         self.retry_deadline_s = retry_deadline_s
         self._metadata = bearer(token)
-        self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addrs]
+        tls = client_tls(tls_ca, tls_cert, tls_key)
+        self._channels = [
+            grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)
+            if tls is None
+            else grpc.aio.secure_channel(a, tls.channel_credentials(), options=CHANNEL_OPTIONS)
+            for a in addrs
+        ]
         self._stubs = [sagas_pb2_grpc.SagasStub(c) for c in self._channels]
         self._preferred = 0
 

@@ -26,6 +26,7 @@ from saga.v1 import log_pb2, sagas_pb2, sagas_pb2_grpc
 
 from cluster.auth import bearer
 from cluster.grpcutil import channel_to
+from cluster.tls import TlsFiles
 
 # Codes after which the same call may be sent again: nothing was done, or the
 # call is idempotent (Submit and Run carry their saga id; Abort and Resolve are
@@ -73,6 +74,15 @@ class Attempts:
         self.backoff_s = FIRST_BACKOFF_S
 
 
+def client_tls(ca: str | None, cert: str | None, key: str | None) -> TlsFiles | None:
+    """TLS files of a client: None (plaintext) unless a CA or a certificate is given."""
+    if not (ca or cert):
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("give a client certificate and its key together")
+    return TlsFiles(ca=ca, cert=cert, key=key)
+
+
 def new_saga_id() -> str:
     return uuid.uuid4().hex
 
@@ -99,15 +109,21 @@ class SagaClient:
         call_timeout_s: float = 10.0,
         retry_deadline_s: float = 30.0,
         token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
-        """`token`: the bearer token of a cluster that runs with --auth-file."""
+        """`token`: the bearer token of a cluster that runs with --auth-file.
+        `tls_ca`: talk TLS, trusting this PEM CA (with a client certificate and key
+        where the nodes require one)."""
         if not addrs:
             raise ValueError("give at least one node address")
         self.addrs = list(addrs)
         self.call_timeout_s = call_timeout_s
         self.retry_deadline_s = retry_deadline_s
         self._metadata = bearer(token)
-        self._channels = [channel_to(a) for a in self.addrs]
+        tls = client_tls(tls_ca, tls_cert, tls_key)
+        self._channels = [channel_to(a, tls) for a in self.addrs]
         self._stubs = [sagas_pb2_grpc.SagasStub(c) for c in self._channels]
         self._preferred = 0
 

@@ -8,6 +8,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 
+from cluster.tls import TlsFiles
 from sagalog.raft import RaftTiming
 
 DEFAULT_GRPC_WORKERS = 64
@@ -74,8 +75,18 @@ class NodeConfig:
     """TOML file of token hashes and roles (cluster.auth). Without one every call is
     allowed, which a node accepts only on a loopback gRPC address."""
     insecure_grpc: bool = False
-    """Serve gRPC in plaintext on a non-loopback address (TLS is not built yet, so a
-    node on another interface needs it), and without --auth-file there."""
+    """Serve gRPC in plaintext, or without --auth-file, on a non-loopback address."""
+    tls_cert: str | None = None
+    """PEM certificate this node serves gRPC with (and presents to its peers)."""
+    tls_key: str | None = None
+    """PEM key of `tls_cert`."""
+    tls_ca: str | None = None
+    """PEM CA this node trusts for its peers and, with `tls_require_client_cert`,
+    for its callers' client certificates. None: the system's roots."""
+    tls_require_client_cert: bool = False
+    """Callers must present a client certificate signed by `tls_ca` (mutual TLS)."""
+    participant_tls_ca: str | None = None
+    """Dial participants with TLS, trusting this PEM CA (plaintext without it)."""
     participant_allow: tuple[str, ...] = ()
     """Participant endpoints a saga may name: HOST:PORT or HOST:* entries. Empty:
     any HOST:PORT (never a URI scheme: see coordinator.definition.check_endpoint)."""
@@ -119,12 +130,24 @@ class NodeConfig:
                 "pickled, and anyone who can reach the port could run code in this node; "
                 "--insecure-raft runs without one, on loopback addresses only"
             )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("give --tls-cert and --tls-key together")
+        if self.tls_require_client_cert and not (self.tls_cert and self.tls_ca):
+            raise ValueError("--tls-require-client-cert needs --tls-cert, --tls-key and --tls-ca")
         if not is_loopback(self.grpc_addr) and not self.insecure_grpc:
-            raise ValueError(
-                f"--grpc-addr {self.grpc_addr} is not loopback: this node serves gRPC in "
-                "plaintext (TLS is not built yet), so it needs --insecure-grpc there, "
-                "and --auth-file so that callers present a token"
-            )
+            missing = [
+                flag
+                for flag, given in (
+                    ("--tls-cert/--tls-key", self.tls_cert),
+                    ("--auth-file", self.auth_file),
+                )
+                if not given
+            ]
+            if missing:
+                raise ValueError(
+                    f"--grpc-addr {self.grpc_addr} is not loopback: give {' and '.join(missing)} "
+                    "(or --insecure-grpc to serve it without)"
+                )
         if self.raft_password is None:
             exposed = [a for a in raft_addrs if not is_loopback(a)]
             if exposed:
@@ -148,6 +171,21 @@ def _check_addr(name: str, addr: str) -> None:
     port = int(addr.rsplit(":", 1)[1])
     if not 0 < port < 65536:
         raise ValueError(f"{name} {addr!r}: port out of range")
+
+
+def node_tls(config: NodeConfig) -> TlsFiles | None:
+    """The TLS files a node serves with and presents to its peers (None: plaintext)."""
+    if not config.tls_cert:
+        return None
+    return TlsFiles(ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key)
+
+
+def participant_tls(config: NodeConfig) -> TlsFiles | None:
+    """How the coordinator dials participants: TLS trusting `participant_tls_ca`,
+    presenting the node's own certificate where it has one."""
+    if not config.participant_tls_ca:
+        return None
+    return TlsFiles(ca=config.participant_tls_ca, cert=config.tls_cert, key=config.tls_key)
 
 
 def is_loopback(addr: str) -> bool:
@@ -198,7 +236,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--insecure-grpc",
         action="store_true",
-        help="serve plaintext gRPC on a non-loopback address",
+        help="serve gRPC without TLS or without --auth-file on a non-loopback address",
+    )
+    p.add_argument("--tls-cert", metavar="PEM", help="serve gRPC with TLS: certificate")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's key")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA trusted for peers and client certificates")
+    p.add_argument(
+        "--tls-require-client-cert",
+        action="store_true",
+        help="callers must present a client certificate signed by --tls-ca",
+    )
+    p.add_argument(
+        "--participant-tls-ca", metavar="PEM", help="dial participants with TLS, trusting this CA"
     )
     p.add_argument(
         "--participant-allow",
@@ -255,6 +304,11 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
         values["auth_file"] = args.auth_file
     if args.insecure_grpc:
         values["insecure_grpc"] = True
+    for flag in ("tls_cert", "tls_key", "tls_ca", "participant_tls_ca"):
+        if getattr(args, flag):
+            values[flag] = getattr(args, flag)
+    if args.tls_require_client_cert:
+        values["tls_require_client_cert"] = True
     if args.participant_allow is not None:
         values["participant_allow"] = tuple(args.participant_allow)
     if "participant_allow" in values:  # TOML gives a list

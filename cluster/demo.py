@@ -21,11 +21,10 @@ import signal
 import tempfile
 import time
 
-from saga.v1 import sagas_pb2
+from saga.v1 import cluster_pb2, sagas_pb2
 
 from cluster.client import SagaClient
 from cluster.launcher import LocalCluster
-from cluster.logclient import LogClient
 from cluster.sagactl import status_table
 from cluster.travel import TravelParticipants, travel_definition
 
@@ -57,6 +56,11 @@ def print_bookings(participants: TravelParticipants) -> None:
 
 
 def run(base_dir: str) -> None:
+    # Secure as a deployment would be: TLS on every gRPC link (development
+    # certificates), a token per caller, a Raft password.
+    cluster = LocalCluster(
+        f"{base_dir}/cluster", nodes=3, auth=True, tls=True, participant_tls=True
+    )
     participants = TravelParticipants(
         f"{base_dir}/participants",
         extra_args={
@@ -64,17 +68,19 @@ def run(base_dir: str) -> None:
             # Slow enough that the leader can be killed while Payment is in flight.
             "Payment": ["--latency-ms", "400"],
         },
+        tls_dir=cluster.tls_dir,
     )
-    cluster = LocalCluster(f"{base_dir}/cluster", nodes=3)
     try:
         say("starting the Hotel, Car, Flight and Payment participants and three nodes")
         participants.start_all()
         participants.wait_ready(timeout_s=15)
         cluster.start_all()
         leader = cluster.wait_for_leader(timeout_s=15)
-        print(status_table([s.grpc_addr for s in cluster.specs.values()]))
         addrs = [s.grpc_addr for s in cluster.specs.values()]
-        client = SagaClient(addrs)
+        print(status_table(addrs, cluster.client_tls, cluster.metadata))
+        print("(TLS on every gRPC link, bearer tokens with roles, Raft password)")
+        assert cluster.client_tls is not None
+        client = SagaClient(addrs, token=cluster.tokens["client"], tls_ca=cluster.client_tls.ca)
         definition = travel_definition(participants.endpoints)
 
         say("1. a trip to Lisbon: everything available")
@@ -117,12 +123,14 @@ def run(base_dir: str) -> None:
 
         say(f"restarting {leader.id}; every replica must hold the same log")
         cluster.start(leader.id)
-        log_client = LogClient(addrs)
         deadline = time.monotonic() + 20
         while True:
             try:
                 digests = {
-                    n: log_client.digest(a) for n, a in zip(cluster.specs, addrs, strict=True)
+                    n: cluster.stub(n).Digest(
+                        cluster_pb2.DigestRequest(), timeout=2, metadata=cluster.metadata
+                    )
+                    for n in cluster.specs
                 }
             except Exception:
                 digests = {}
@@ -139,7 +147,6 @@ def run(base_dir: str) -> None:
                 f"  {node_id}: applied {d.applied_index}, {d.sagas} sagas, {d.records} records,"
                 f" sha256 {d.sha256[:16]}"
             )
-        log_client.close()
         client.close()
         say("done")
     except Exception:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from cluster.tls import TlsFiles
+
 # gRPC waits up to 120 s between reconnects by default (starting at 1 s): a node
 # restarted after a kill would look dead long after it is back.
 CHANNEL_OPTIONS = [
@@ -27,5 +29,8 @@ PENDING_REQUEST_OPTIONS = [
 ]
 
 
-def channel_to(addr: str) -> grpc.Channel:
-    return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+def channel_to(addr: str, tls: TlsFiles | None = None) -> grpc.Channel:
+    """A channel to a node (or participant): TLS when `tls` is given."""
+    if tls is None:
+        return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(addr, tls.channel_credentials(), options=CHANNEL_OPTIONS)

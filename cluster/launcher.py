@@ -24,6 +24,7 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
 from cluster import auth as auth_mod
 from cluster.grpcutil import channel_to
+from cluster.tls import TlsFiles, dev_files, make_dev_certs
 from sagalog.raft import RaftTiming
 
 STATE_FILE = "cluster.json"
@@ -99,7 +100,13 @@ class LocalCluster:
         link_faults: bool = False,
         test_propose: bool = False,
         auth: bool = False,
+        tls: bool = False,
+        participant_tls: bool = False,
     ) -> None:
+        """`auth`: an auth file with a token per role (`tokens`). `tls`: development
+        certificates in `<base>/tls` (`tls_dir`; cluster.tls.make_dev_certs), every
+        node serving gRPC with TLS and dialing its peers with it. `participant_tls`:
+        the coordinator dials participants with TLS (TravelParticipants(tls_dir=...))."""
         if nodes not in (3, 5):
             raise ValueError(f"a local cluster has 3 or 5 nodes, not {nodes}")
         self.base_dir = os.path.abspath(base_dir)
@@ -120,7 +127,19 @@ class LocalCluster:
             for role in auth_mod.ROLES:
                 self.tokens[role] = auth_mod.add_token(auth_file, f"test-{role}", role)
             extra_args = (*extra_args, "--auth-file", auth_file)
-        self._metadata = auth_mod.bearer(self.tokens.get("admin"))
+        self.metadata = auth_mod.bearer(self.tokens.get("admin"))  # for the launcher's calls
+        self.tls_dir = os.path.join(self.base_dir, "tls") if (tls or participant_tls) else None
+        self.client_tls: TlsFiles | None = None  # how the launcher and tests dial nodes
+        if self.tls_dir is not None:
+            make_dev_certs(self.tls_dir)
+            ca = os.path.join(self.tls_dir, "ca.pem")
+            if tls:
+                node = dev_files(self.tls_dir, "node")
+                extra_args = (*extra_args, "--tls-cert", str(node.cert), "--tls-key")
+                extra_args = (*extra_args, str(node.key), "--tls-ca", ca)
+                self.client_tls = dev_files(self.tls_dir, "client")
+            if participant_tls:
+                extra_args = (*extra_args, "--participant-tls-ca", ca)
         # Tests and benches that append raw records turn on Cluster.Propose.
         self.extra_args = (*extra_args, "--test-propose") if test_propose else extra_args
         ports = free_ports(2 * nodes, host)
@@ -244,7 +263,7 @@ class LocalCluster:
     def stub(self, node_id: str) -> cluster_pb2_grpc.ClusterStub:
         channel = self._channels.get(node_id)
         if channel is None:
-            channel = channel_to(self.specs[node_id].grpc_addr)
+            channel = channel_to(self.specs[node_id].grpc_addr, self.client_tls)
             self._channels[node_id] = channel
         return cluster_pb2_grpc.ClusterStub(channel)
 
@@ -256,7 +275,7 @@ class LocalCluster:
     def status(self, node_id: str, timeout_s: float = 1.0) -> cluster_pb2.StatusReply | None:
         try:
             return self.stub(node_id).Status(
-                cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=self._metadata
+                cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=self.metadata
             )
         except grpc.RpcError:
             return None

@@ -24,7 +24,7 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 
 from cluster import auth
 from cluster import identity as ident
-from cluster.config import NodeConfig, from_args
+from cluster.config import NodeConfig, from_args, node_tls, participant_tls
 from cluster.grpcutil import PENDING_REQUEST_OPTIONS, channel_to
 from cluster.push import AppliedFeed
 from cluster.retention import Retention
@@ -67,7 +67,7 @@ def check_not_wiped(config: NodeConfig, me: ident.Identity) -> None:
     while pending and time.monotonic() < deadline:
         for peer_id, peer in list(pending.items()):
             try:
-                with channel_to(peer.grpc_addr) as channel:
+                with channel_to(peer.grpc_addr, node_tls(config)) as channel:
                     reply = cluster_pb2_grpc.ClusterStub(channel).Status(
                         cluster_pb2.StatusRequest(), timeout=0.3, metadata=node_metadata(config)
                     )
@@ -120,6 +120,8 @@ class Node:
         self.me = me
         self.service = ClusterService(config, registry_in_store(config.data_dir))
         self._callers = auth.load(config.auth_file) if config.auth_file else None
+        dial = participant_tls(config)
+        self._participant_credentials = dial.channel_credentials() if dial else None
         self._executor = futures.ThreadPoolExecutor(
             max_workers=config.grpc_workers, thread_name_prefix="grpc"
         )
@@ -219,9 +221,15 @@ class Node:
             ],
         )
         cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, server)
-        sagas = SagasService(self, self.config.participant_allow)
+        sagas = SagasService(self, self.config.participant_allow, node_tls(self.config))
         sagas_pb2_grpc.add_SagasServicer_to_server(sagas, server)
-        if server.add_insecure_port(self.config.grpc_addr) == 0:
+        tls = node_tls(self.config)
+        if tls is None:
+            port = server.add_insecure_port(self.config.grpc_addr)
+        else:
+            credentials = tls.server_credentials(self.config.tls_require_client_cert)
+            port = server.add_secure_port(self.config.grpc_addr, credentials)
+        if port == 0:
             raise OSError(f"cannot listen on --grpc-addr {self.config.grpc_addr}")
         await server.start()
         return server
@@ -301,6 +309,7 @@ class Node:
                     # pysyncobj would even consider stepping down.
                     lease_s=self.config.timing.leader_fallback_ms * 2 / 3000,
                     in_office=self.in_office,
+                    participant_credentials=self._participant_credentials,
                 )
                 self.driver = driver
                 driver.start()

@@ -43,6 +43,7 @@ import grpc
 from saga.v1 import participant_pb2, participant_pb2_grpc
 
 from cluster.grpcutil import PENDING_REQUEST_OPTIONS
+from cluster.tls import TlsFiles
 
 log = logging.getLogger("saga.participant")
 
@@ -219,6 +220,9 @@ class ParticipantConfig:
     faults: Faults = field(default_factory=Faults)
     workers: int = 32
     """gRPC server threads. A hanging call holds one until its caller gives up."""
+    tls_cert: str | None = None
+    """Serve with TLS: PEM certificate (and `tls_key`); plaintext without."""
+    tls_key: str | None = None
 
     def validate(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -231,6 +235,8 @@ class ParticipantConfig:
             raise ValueError(f"--addr {self.addr!r}: expected HOST:PORT")
         if not self.data_dir:
             raise ValueError("--data-dir is required")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("give --tls-cert and --tls-key together")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"--workers must be in [1, {MAX_WORKERS}], got {self.workers}")
         self.faults.validate()
@@ -249,6 +255,8 @@ def parse_args(argv: list[str] | None = None) -> ParticipantConfig:
     p.add_argument("--addr", required=True, help="HOST:PORT to listen on")
     p.add_argument("--data-dir", required=True, help="directory of NAME.sqlite")
     p.add_argument("--workers", type=int, default=32, help="gRPC server threads")
+    p.add_argument("--tls-cert", help="serve with TLS: PEM certificate")
+    p.add_argument("--tls-key", help="the certificate's PEM key")
     f = p.add_argument_group("fault knobs (all off by default)")
     f.add_argument("--refuse-rate", type=float, default=0.0, metavar="P")
     f.add_argument("--refuse-saga-substring", default="", metavar="S")
@@ -266,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> ParticipantConfig:
         addr=args.addr,
         data_dir=args.data_dir,
         workers=args.workers,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         faults=Faults(
             refuse_rate=args.refuse_rate,
             refuse_saga_substring=args.refuse_saga_substring,
@@ -806,7 +816,12 @@ class ParticipantServer:
 
     def start(self) -> None:
         try:
-            port = self.server.add_insecure_port(self.config.addr)
+            if self.config.tls_cert and self.config.tls_key:
+                files = TlsFiles(cert=self.config.tls_cert, key=self.config.tls_key)
+                credentials = files.server_credentials(require_client_cert=False)
+                port = self.server.add_secure_port(self.config.addr, credentials)
+            else:
+                port = self.server.add_insecure_port(self.config.addr)
         except RuntimeError as exc:  # recent grpcio raises instead of returning 0
             raise OSError(f"cannot listen on --addr {self.config.addr}: {exc}") from exc
         if port == 0:

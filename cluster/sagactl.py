@@ -26,6 +26,7 @@ from cluster import auth
 from cluster.client import SagaClient
 from cluster.grpcutil import channel_to
 from cluster.launcher import LocalCluster, load_state
+from cluster.tls import TlsFiles, make_dev_certs
 from cluster.travel import TravelParticipants, travel_definition
 
 DEFAULT_DIR = "sagacluster-data"
@@ -48,25 +49,30 @@ def _addresses(args: argparse.Namespace) -> list[str]:
         ) from None
 
 
-def _status(addr: str, timeout_s: float = 1.0) -> cluster_pb2.StatusReply | None:
+def _status(
+    addr: str, tls: TlsFiles | None, metadata: list[tuple[str, str]], timeout_s: float = 1.0
+) -> cluster_pb2.StatusReply | None:
     try:
-        with channel_to(addr) as channel:
+        with channel_to(addr, tls) as channel:
             return cluster_pb2_grpc.ClusterStub(channel).Status(
-                cluster_pb2.StatusRequest(), timeout=timeout_s
+                cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=metadata
             )
     except grpc.RpcError:
         return None
 
 
-def status_table(addrs: list[str]) -> str:
+def status_table(
+    addrs: list[str], tls: TlsFiles | None = None, metadata: list[tuple[str, str]] | None = None
+) -> str:
     """Every node's own view, one row each; the members come from the first answer."""
-    first = next((r for r in (_status(a) for a in addrs) if r is not None), None)
+    meta = metadata or []
+    first = next((r for r in (_status(a, tls, meta) for a in addrs) if r is not None), None)
     if first is not None:
         addrs = [m.grpc_addr for m in first.members]
     header = ("ID", "ROLE", "TERM", "EPOCH", "LEADER", "COMMIT", "APPLIED", "RAFT", "GRPC")
     rows = [header]
     for addr in addrs:
-        r = _status(addr)
+        r = _status(addr, tls, meta)
         if r is None:
             rows.append(("?", "unreachable", "", "", "", "", "", "", addr))
             continue
@@ -168,7 +174,22 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def _client(args: argparse.Namespace) -> SagaClient:
     addrs = args.addr.split(",") if args.addr else _addresses(args)
-    return SagaClient(addrs, token=_token(args))
+    return SagaClient(
+        addrs,
+        token=_token(args),
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    make_dev_certs(args.dir, args.host or ["127.0.0.1", "localhost"])
+    print(
+        f"wrote a development CA and certificates to {args.dir}: ca.pem; node, client and "
+        "participant .pem/.key (keys mode 0600). For trying TLS out, not for production."
+    )
+    return 0
 
 
 def cmd_add_token(args: argparse.Namespace) -> int:
@@ -419,6 +440,15 @@ def parser() -> argparse.ArgumentParser:
     forget.add_argument("--token-file", help="an admin token (default: $SAGA_TOKEN)")
     forget.set_defaults(func=cmd_forget)
 
+    certs = top.add_parser("certs", help="development TLS certificates")
+    certs_sub = certs.add_subparsers(dest="command", required=True)
+    certs_init = certs_sub.add_parser("init", help="a development CA and certificates in DIR")
+    certs_init.add_argument("dir")
+    certs_init.add_argument(
+        "--host", action="append", help="a name or IP the nodes and participants serve on"
+    )
+    certs_init.set_defaults(func=cmd_certs)
+
     auth_cmd = top.add_parser("auth", help="tokens for clusters that run with --auth-file")
     auth_sub = auth_cmd.add_subparsers(dest="command", required=True)
     add_token = auth_sub.add_parser("add-token", help="make a token; print it once")
@@ -457,6 +487,9 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--dir", default=DEFAULT_DIR)
         c.add_argument("--addr", help="HOST:PORT[,HOST:PORT...] of any nodes")
         c.add_argument("--token-file", help="the caller's token (default: $SAGA_TOKEN)")
+        c.add_argument("--tls-ca", help="talk TLS, trusting this PEM CA")
+        c.add_argument("--tls-cert", help="client certificate (nodes with mutual TLS)")
+        c.add_argument("--tls-key", help="the client certificate's key")
         c.set_defaults(func=cmd_saga)
         return c
 

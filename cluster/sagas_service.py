@@ -39,6 +39,7 @@ from cluster import auth
 from cluster.grpcutil import channel_to
 from cluster.push import AppliedFeed, Subscription
 from cluster.service import PROPOSE_ERROR_CODES, READ_INDEX_TIMEOUT_S
+from cluster.tls import TlsFiles
 from coordinator.definition import check_definition, endpoint_allowed
 from coordinator.view import SagaView
 from sagalog import codec
@@ -213,9 +214,15 @@ def _records_or_tombstone(
 
 
 class SagasService(sagas_pb2_grpc.SagasServicer):
-    def __init__(self, node: NodeView, participant_allow: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        node: NodeView,
+        participant_allow: tuple[str, ...] = (),
+        tls: TlsFiles | None = None,  # how this node dials the leader
+    ) -> None:
         self._node = node
         self._participant_allow = participant_allow
+        self._tls = tls
         # One channel per leader address, never closed while calls may use it.
         self._channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
@@ -232,7 +239,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         with self._channels_lock:
             channel = self._channels.get(leader)
             if channel is None:
-                channel = self._channels[leader] = channel_to(leader)
+                channel = self._channels[leader] = channel_to(leader, self._tls)
         return channel
 
     def _forward(self, method: str, request: Any, call: Call) -> Any | None:

@@ -24,6 +24,7 @@ from saga.v1 import log_pb2
 from cluster.grpcutil import channel_to
 from cluster.launcher import free_ports, stop_processes
 from cluster.participant import ParticipantState, db_path_for, read_state
+from cluster.tls import TlsFiles, dev_files
 
 TRAVEL_SERVICES = ("Hotel", "Car", "Flight", "Payment")
 
@@ -94,7 +95,10 @@ class TravelParticipants:
         extra_args: Mapping[str, Sequence[str]] | None = None,
         host: str = "127.0.0.1",
         services: Sequence[str] = TRAVEL_SERVICES,
+        tls_dir: str | None = None,
     ) -> None:
+        """`tls_dir`: serve TLS with the development certificates there
+        (cluster.tls.make_dev_certs; LocalCluster(tls=True) writes them)."""
         unknown = sorted(set(extra_args or {}) - set(services))
         if unknown:
             raise ValueError(f"extra_args for unknown services {unknown}; have {list(services)}")
@@ -107,6 +111,7 @@ class TravelParticipants:
         }
         self.extra_args = {name: list((extra_args or {}).get(name, ())) for name in self.services}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.tls = dev_files(tls_dir, "participant") if tls_dir else None
 
     def __enter__(self) -> TravelParticipants:
         try:
@@ -153,6 +158,11 @@ class TravelParticipants:
             self._endpoints[name],
             "--data-dir",
             self.base_dir,
+            *(
+                ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+                if self.tls
+                else []
+            ),
             *self.extra_args[name],
         ]
 
@@ -202,7 +212,8 @@ class TravelParticipants:
         (with its log) if one exits, TimeoutError if one is not ready in time."""
         deadline = time.monotonic() + timeout_s
         for name in names if names is not None else self.services:
-            with channel_to(self._endpoints[name]) as channel:
+            trust = TlsFiles(ca=self.tls.ca) if self.tls else None
+            with channel_to(self._endpoints[name], trust) as channel:
                 ready = grpc.channel_ready_future(channel)
                 try:
                     while True:

@@ -102,8 +102,10 @@ class Driver:
         on_fenced: Callable[[], None] | None = None,
         lease_s: float = 0.2,
         in_office: Callable[[], bool] | None = None,
+        participant_credentials: grpc.ChannelCredentials | None = None,  # None: plaintext
     ) -> None:
         self._raft = raft
+        self._participant_credentials = participant_credentials
         self._lease_s = lease_s  # see _leading
         self._in_office = in_office
         self.epoch = epoch
@@ -492,14 +494,17 @@ class Driver:
     def _channel(self, endpoint: str) -> grpc.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.insecure_channel(
-                endpoint,
-                options=[
-                    ("grpc.initial_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", 1000),
-                    # A request carries the payload and every completed vertex's output.
-                    ("grpc.max_send_message_length", STEP_REQUEST_MAX_BYTES),
-                ],
+            options = [
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+                # A request carries the payload and every completed vertex's output.
+                ("grpc.max_send_message_length", STEP_REQUEST_MAX_BYTES),
+            ]
+            credentials = self._participant_credentials
+            channel = (
+                grpc.secure_channel(endpoint, credentials, options=options)
+                if credentials is not None
+                else grpc.insecure_channel(endpoint, options=options)
             )
             self._channels[endpoint] = channel
         return channel

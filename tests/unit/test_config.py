@@ -124,12 +124,30 @@ def test_a_password_file_allows_any_address(tmp_path) -> None:
     assert config.raft_password == "a long enough secret" and not config.insecure_raft
 
 
-def test_a_non_loopback_grpc_address_needs_insecure_grpc() -> None:
+def test_a_non_loopback_grpc_address_needs_tls_and_auth_or_insecure_grpc(tmp_path) -> None:
     argv = BASE + ["--grpc-addr", "10.0.0.1:8001"]
-    with pytest.raises(ValueError, match="--insecure-grpc"):
+    with pytest.raises(ValueError, match="--tls-cert/--tls-key and --auth-file"):
         from_args(argv)
+    tls = ["--tls-cert", "n.pem", "--tls-key", "n.key"]
+    with pytest.raises(ValueError, match="give --auth-file"):
+        from_args(argv + tls)
+    config, _ = from_args(argv + tls + ["--auth-file", str(tmp_path / "auth.toml")])
+    assert config.tls_cert == "n.pem" and not config.insecure_grpc
     config, _ = from_args(argv + ["--insecure-grpc"])
     assert config.insecure_grpc
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--tls-cert", "n.pem"], "together"),
+        (["--tls-key", "n.key"], "together"),
+        (["--tls-require-client-cert", "--tls-cert", "a", "--tls-key", "b"], "--tls-ca"),
+    ],
+)
+def test_tls_flags_come_in_working_sets(flags, needle) -> None:
+    with pytest.raises(ValueError, match=needle):
+        from_args(BASE + flags)
 
 
 def test_participant_allow_list_from_flags() -> None:
