@@ -89,7 +89,7 @@ class NodeConfig:
     """Dial participants with TLS, trusting this PEM CA (plaintext without it)."""
     participant_allow: tuple[str, ...] = ()
     """Participant endpoints a saga may name: HOST:PORT or HOST:* entries. Empty:
-    any HOST:PORT (never a URI scheme: see coordinator.definition.check_endpoint)."""
+    any HOST:PORT (never a URI scheme: see sagalog.definition.check_endpoint)."""
     test_propose: bool = False
     """Testing aid: serve Cluster.Propose, which appends raw saga records (never
     cluster records). Off in production: clients use the Sagas service."""

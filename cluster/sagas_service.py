@@ -40,10 +40,10 @@ from cluster.grpcutil import channel_to
 from cluster.push import AppliedFeed, Subscription
 from cluster.service import PROPOSE_ERROR_CODES, READ_INDEX_TIMEOUT_S
 from cluster.tls import TlsFiles
-from coordinator.definition import check_definition, endpoint_allowed
 from coordinator.view import SagaView
 from sagalog import codec
 from sagalog import records as rec
+from sagalog.definition import check_definition, endpoint_allowed
 from sagalog.log import SagaLog
 from sagalog.proposer import ProposeError, Proposer
 from sagalog.readindex import ReadRefused

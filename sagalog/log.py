@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from saga.v1 import log_pb2
 
 from sagalog import codec
+from sagalog.definition import check_definition
 from sagalog.kv import KV
 from sagalog.transitions import (
     Phase,
@@ -65,8 +66,13 @@ CLOCK_KEY = META + b"clock"
 FORMAT_KEY = META + b"format"
 # The newest log format this code applies (see LogFormat in log.proto).
 # 2: the ended index (E keys), the log clock and PurgeEnded.
-LOG_FORMAT = 2
+# 3: apply refuses what Submit refuses (a StartSaga whose definition fails
+#    sagalog.definition.check_definition) and an Epoch other than the current + 1.
+#    A journal written before holds entries under the old rules: every replica
+#    applies those alike, whatever code it runs.
+LOG_FORMAT = 3
 RETENTION_FORMAT = 2
+STRICT_FORMAT = 3
 
 MAX_INCARNATION_BYTES = 64
 # Sagas one PurgeEnded record may purge: bounds the work of one apply.
@@ -199,6 +205,8 @@ class SagaLog:
             return _reject(
                 f"Epoch {new.number}: not newer than the current epoch {current.number}"
             ), current
+        if self._format >= STRICT_FORMAT and new.number != current.number + 1:
+            return _reject(f"Epoch {new.number}: the next epoch is {current.number + 1}"), current
         if record.epoch != new.number:
             return _reject(
                 f"Epoch {new.number}: the record's epoch field says {record.epoch}"
@@ -257,6 +265,10 @@ class SagaLog:
         decision = decide(saga.state, event)
         if decision.duplicate_of is not None:
             return log_pb2.RecordResult(verdict=DUPLICATE, seq=decision.duplicate_of), next_saga
+        if self._format >= STRICT_FORMAT and record.HasField("start_saga"):
+            error = check_definition(record.start_saga.definition)
+            if error:
+                return _reject(f"StartSaga: {error}"), next_saga
         # Fencing: a deposed leader's records are refused once a newer epoch committed.
         if record.epoch < epoch:
             return _reject(

@@ -20,7 +20,7 @@ cluster_records = st.one_of(
     st.builds(lambda n, node: rec.epoch(n, node), st.integers(0, 2**64 - 1), st.text(max_size=80)),
     st.builds(lambda n, i: rec.member(n, i), st.text(max_size=80), st.binary(max_size=80)),
     st.builds(rec.forget_member, st.text(max_size=80)),
-    st.builds(lambda v: log_pb2.Record(log_format=log_pb2.LogFormat(version=v)), st.integers(0, 2)),
+    st.builds(lambda v: log_pb2.Record(log_format=log_pb2.LogFormat(version=v)), st.integers(0, 3)),
     st.builds(
         lambda cut, n: log_pb2.Record(
             purge_ended=log_pb2.PurgeEnded(ended_before_unix_ms=cut, max_sagas=n)

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from cluster import auth
-from coordinator.definition import check_endpoint, endpoint_allowed
+from sagalog.definition import check_endpoint, endpoint_allowed
 
 
 def test_tokens_are_stored_as_hashes_in_a_private_file(tmp_path) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from saga.v1 import log_pb2
 
 from coordinator import core
-from coordinator.definition import check_definition
 from coordinator.view import SagaView
 from sagalog import codec
 from sagalog import records as rec
+from sagalog.definition import check_definition
 from sagalog.kv import MemoryKV
 from sagalog.log import SagaLog
 

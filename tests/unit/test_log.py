@@ -478,3 +478,26 @@ def test_a_node_too_old_for_the_log_format_stops_instead_of_diverging() -> None:
     log = fresh()
     with pytest.raises(LogFormatTooNew):
         apply_records(log, 2, rec.log_format(LOG_FORMAT + 1))
+
+
+def test_from_format_3_apply_refuses_what_submit_refuses() -> None:
+    """No path into the log bypasses Submit's checks: a StartSaga with a definition
+    Submit would refuse, or an Epoch that skips ahead (Epoch(2^64-1) once left a
+    cluster where no leader could take office), is rejected at apply."""
+    log = fresh(3)
+    bad = rec.chain_definition("a", endpoint="unix:/var/run/docker.sock")
+    result = apply_records(log, 2, rec.start_saga("s-bad", 1, bad, b""))
+    assert result.results[0].verdict == log_pb2.REJECTED
+    assert "endpoint" in result.results[0].reason
+    skip = apply_records(log, 3, rec.epoch(2**64 - 1, "evil"))
+    assert skip.results[0].verdict == log_pb2.REJECTED
+    assert "next epoch is 2" in skip.results[0].reason
+    assert apply_records(log, 4, rec.epoch(2, "n2")).results[0].verdict == log_pb2.ACCEPTED
+
+
+def test_before_format_3_old_entries_apply_under_the_old_rules() -> None:
+    log = fresh(2)  # a journal written before the upgrade replays alike everywhere
+    bad = rec.chain_definition("a", endpoint="unix:/var/run/docker.sock")
+    result = apply_records(log, 2, rec.start_saga("s-old", 1, bad, b""))
+    assert result.results[0].verdict == log_pb2.ACCEPTED
+    assert apply_records(log, 3, rec.epoch(7, "n2")).results[0].verdict == log_pb2.ACCEPTED

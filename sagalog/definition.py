@@ -1,8 +1,7 @@
-"""Checking a client's saga definition before anything is logged. Pure.
-
-The Saga Log re-checks the structural rules (names, cycles) at apply; this module
-adds the limits a client can get wrong and answers with a message that names the
-problem. Zero means "the default" for timeout, attempts and backoff fields.
+"""Checking a saga definition: what Submit refuses, and what apply refuses from log
+format 3 on (STRICT_FORMAT in sagalog.log), so no path into the log bypasses it.
+Pure. Messages name the problem. Zero means "the default" for timeout, attempts
+and backoff fields.
 """
 
 from __future__ import annotations
