@@ -16,7 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -220,6 +221,20 @@ class LocalCluster:
     def start_all(self, detach: bool = False) -> None:
         for node_id in self.specs:
             self.start(node_id, detach)
+
+    @contextmanager
+    def running(self, timeout_s: float = 15.0) -> Iterator[LocalCluster]:
+        """Start every node and wait for a leader in office; on the way out stop them,
+        after printing every node's log if something failed inside."""
+        self.start_all()
+        try:
+            self.wait_for_leader(timeout_s)
+            yield self
+        except BaseException:
+            print(self.logs(80))
+            raise
+        finally:
+            self.stop_all()
 
     def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.get(node_id)

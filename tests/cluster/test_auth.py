@@ -20,16 +20,8 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
-    c = LocalCluster(str(tmp_path_factory.mktemp("auth")), nodes=3, auth=True)
-    c.start_all()
-    try:
-        c.wait_for_leader(15)
+    with LocalCluster(str(tmp_path_factory.mktemp("auth")), nodes=3, auth=True).running() as c:
         yield c
-    except BaseException:
-        print(c.logs(80))
-        raise
-    finally:
-        c.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -32,16 +32,8 @@ SLOW_PAYMENT_MS = 300  # long enough for a Run's deadline to pass mid-saga
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
-    c = LocalCluster(str(tmp_path_factory.mktemp("client-path")), nodes=3)
-    c.start_all()
-    try:
-        c.wait_for_leader(15)
+    with LocalCluster(str(tmp_path_factory.mktemp("client-path")), nodes=3).running() as c:
         yield c
-    except BaseException:
-        print(c.logs(80))
-        raise
-    finally:
-        c.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +175,7 @@ def test_a_watch_with_an_unknown_or_bad_id_is_refused(cluster) -> None:
 
 
 def test_run_on_a_follower_and_watch_on_the_leader_survive_a_leader_kill(tmp_path, parts) -> None:
-    own = LocalCluster(str(tmp_path / "own"), nodes=3)
-    own.start_all()
-    try:
+    with LocalCluster(str(tmp_path / "own"), nodes=3).running() as own:
         leader = own.wait_for_leader(15).id
         follower = own.specs[next(n for n in own.specs if n != leader)].grpc_addr
         everyone = [s.grpc_addr for s in own.specs.values()]
@@ -225,11 +215,6 @@ def test_run_on_a_follower_and_watch_on_the_leader_survive_a_leader_kill(tmp_pat
                 assert seqs == list(range(len(client.get(saga_id).records))), saga_id
             assert len(watched) == 8
             check_guarantee(client, parts, ids)
-    except BaseException:
-        print(own.logs(80))
-        raise
-    finally:
-        own.stop_all()
 
 
 def _get_into(stub: sagas_pb2_grpc.SagasStub, request: Any, outcomes: list[object]) -> None:
@@ -244,9 +229,7 @@ def test_a_paused_leader_never_answers_a_read_that_misses_a_newer_write(tmp_path
     """ReadIndex under SIGSTOP: the old leader, resumed after a new leader committed
     a write, must not answer a read from its stale store. Its buffered answers from
     before the pause carry older read rounds and confirm nothing."""
-    own = LocalCluster(str(tmp_path / "own"), nodes=3)
-    own.start_all()
-    try:
+    with LocalCluster(str(tmp_path / "own"), nodes=3).running() as own:
         definition = travel_definition(parts.endpoints)
         for trial in range(3):
             old = own.wait_for_leader(15).id
@@ -280,8 +263,3 @@ def test_a_paused_leader_never_answers_a_read_that_misses_a_newer_write(tmp_path
                 assert outcome in (saga_id, grpc.StatusCode.UNAVAILABLE), outcome
             with SagaClient([s.grpc_addr for s in own.specs.values()]) as client:
                 client.wait_for_end(saga_id, 30)
-    except BaseException:
-        print(own.logs(80))
-        raise
-    finally:
-        own.stop_all()
