@@ -22,7 +22,6 @@ derived from the Raft password, which only cluster members hold.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 import secrets
@@ -32,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+
+from sagalog.framecipher import derived_secret
 
 log = logging.getLogger("sagacluster.auth")
 
@@ -82,8 +83,9 @@ def token_hash(token: str) -> str:
 
 def node_credential(raft_password: str) -> str:
     """The token nodes of one cluster present to each other: only holders of the
-    Raft password can compute it."""
-    return hmac.new(raft_password.encode(), b"sagacluster grpc node", hashlib.sha256).hexdigest()
+    Raft password can compute it, and it is derived from the stretched cluster key,
+    so a captured credential does not make guessing the password cheap."""
+    return derived_secret(raft_password, b"sagacluster grpc node credential").hex()
 
 
 def bearer(token: str | None) -> list[tuple[str, str]]:

@@ -71,7 +71,18 @@ def check_not_wiped(config: NodeConfig, me: ident.Identity) -> None:
                     reply = cluster_pb2_grpc.ClusterStub(channel).Status(
                         cluster_pb2.StatusRequest(), timeout=0.3, metadata=node_metadata(config)
                     )
-            except grpc.RpcError:
+            except grpc.RpcError as exc:
+                if exc.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ):
+                    # Not "not up yet": the check itself cannot be made, and skipping
+                    # it could let a wiped node rejoin with its votes forgotten.
+                    raise WipedNodeError(
+                        f"node {me.node_id}: peer {peer_id} refused this node's credential "
+                        f"({exc.code().name}): every node needs the same Raft password "
+                        "file (nodes authenticate to each other with it)"
+                    ) from exc
                 continue
             del pending[peer_id]
             known = reply.registered.get(me.node_id)
@@ -146,7 +157,7 @@ class Node:
         self._peer_by_raft_addr = {p.raft_addr: p for p in config.peers}
 
     def start_raft(self) -> None:
-        self.raft = SagaLogRaft(
+        raft = SagaLogRaft(
             self.config.raft_addr,
             [p.raft_addr for p in self.config.peers],
             self.config.data_dir,
@@ -155,11 +166,14 @@ class Node:
             compaction_min_entries=self.config.compaction_min_entries,
             fault_file=self.config.fault_file,
         )
-        self.raft.saga_log.listener = self._on_applied
+        # The push hooks first, then publish the node's Raft: a Watch can only
+        # subscribe once it is published, and then misses no applied record.
+        raft.saga_log.listener = self._on_applied
         if self.feed is not None:
-            self.raft.on_store_replaced = self.feed.reset
+            raft.on_store_replaced = self.feed.reset
+        self.raft = raft
         self.proposer = Proposer(self.raft, self.config.max_in_flight_proposals)
-        self.service.attach(self.raft, self.proposer, self.in_office)
+        self.service.attach(self.raft, self.proposer, self.in_office, self.office_term)
         self._duties.start()
         self.retention = Retention(
             self.config.ended_retention_s, self.in_office, self._oldest_ended_ms, self._propose_one
@@ -175,6 +189,11 @@ class Node:
 
     def is_leader(self) -> bool:
         return self.raft is not None and raft_role(self.raft) == cluster_pb2.LEADER
+
+    def office_term(self) -> int | None:
+        """The Raft term in which this node is in office (its Epoch committed then)."""
+        term = self.epoch_term
+        return term if self.in_office() and term == self.epoch_term else None
 
     def office_epoch(self) -> int | None:
         """The epoch this node decides records in, while it is in office."""

@@ -223,6 +223,10 @@ class ParticipantConfig:
     tls_cert: str | None = None
     """Serve with TLS: PEM certificate (and `tls_key`); plaintext without."""
     tls_key: str | None = None
+    tls_ca: str | None = None
+    """With `tls_require_client_cert`: the CA whose client certificates may call."""
+    tls_require_client_cert: bool = False
+    """Only callers with a client certificate signed by `tls_ca` (the nodes' own)."""
 
     def validate(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -237,6 +241,8 @@ class ParticipantConfig:
             raise ValueError("--data-dir is required")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("give --tls-cert and --tls-key together")
+        if self.tls_require_client_cert and not (self.tls_cert and self.tls_ca):
+            raise ValueError("--tls-require-client-cert needs --tls-cert, --tls-key, --tls-ca")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"--workers must be in [1, {MAX_WORKERS}], got {self.workers}")
         self.faults.validate()
@@ -257,6 +263,12 @@ def parse_args(argv: list[str] | None = None) -> ParticipantConfig:
     p.add_argument("--workers", type=int, default=32, help="gRPC server threads")
     p.add_argument("--tls-cert", help="serve with TLS: PEM certificate")
     p.add_argument("--tls-key", help="the certificate's PEM key")
+    p.add_argument("--tls-ca", help="CA of the client certificates that may call")
+    p.add_argument(
+        "--tls-require-client-cert",
+        action="store_true",
+        help="only callers with a client certificate signed by --tls-ca (the nodes)",
+    )
     f = p.add_argument_group("fault knobs (all off by default)")
     f.add_argument("--refuse-rate", type=float, default=0.0, metavar="P")
     f.add_argument("--refuse-saga-substring", default="", metavar="S")
@@ -276,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> ParticipantConfig:
         workers=args.workers,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        tls_require_client_cert=args.tls_require_client_cert,
         faults=Faults(
             refuse_rate=args.refuse_rate,
             refuse_saga_substring=args.refuse_saga_substring,
@@ -817,8 +831,10 @@ class ParticipantServer:
     def start(self) -> None:
         try:
             if self.config.tls_cert and self.config.tls_key:
-                files = TlsFiles(cert=self.config.tls_cert, key=self.config.tls_key)
-                credentials = files.server_credentials(require_client_cert=False)
+                files = TlsFiles(
+                    ca=self.config.tls_ca, cert=self.config.tls_cert, key=self.config.tls_key
+                )
+                credentials = files.server_credentials(self.config.tls_require_client_cert)
                 port = self.server.add_secure_port(self.config.addr, credentials)
             else:
                 port = self.server.add_insecure_port(self.config.addr)

@@ -23,7 +23,7 @@ from google.protobuf import json_format
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2
 
 from cluster import auth
-from cluster.client import SagaClient
+from cluster.client import SagaClient, client_tls
 from cluster.grpcutil import channel_to
 from cluster.launcher import LocalCluster, load_state
 from cluster.tls import TlsFiles, make_dev_certs
@@ -145,7 +145,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     for addr in _addresses(args):
         try:
-            with channel_to(addr) as channel:
+            tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+            with channel_to(addr, tls) as channel:
                 reply = cluster_pb2_grpc.ClusterStub(channel).ForgetMember(
                     cluster_pb2.ForgetMemberRequest(node_id=args.id),
                     timeout=10,
@@ -438,6 +439,9 @@ def parser() -> argparse.ArgumentParser:
     forget.add_argument("--dir", default=DEFAULT_DIR)
     forget.add_argument("--addr", help="HOST:PORT of any running node's gRPC server")
     forget.add_argument("--token-file", help="an admin token (default: $SAGA_TOKEN)")
+    forget.add_argument("--tls-ca", help="talk TLS, trusting this PEM CA")
+    forget.add_argument("--tls-cert", help="client certificate (nodes with mutual TLS)")
+    forget.add_argument("--tls-key", help="the client certificate's key")
     forget.set_defaults(func=cmd_forget)
 
     certs = top.add_parser("certs", help="development TLS certificates")

@@ -82,6 +82,7 @@ class NodeView(Protocol):
     feed: AppliedFeed | None  # pushes applied records to Watch and Run
 
     def office_epoch(self) -> int | None: ...
+    def office_term(self) -> int | None: ...
     def sagas_in_flight(self) -> int: ...
     def saga_limit(self) -> int: ...
     def coordinator_lag_s(self) -> float: ...
@@ -285,8 +286,10 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             raise Refusal(grpc.StatusCode.UNAVAILABLE, "the node is starting")
         try:
             if self._node.is_leader():
-                self._epoch()  # in office: its commit index covers every older leader's
-                index = raft.read_index(READ_INDEX_TIMEOUT_S)
+                term = self._node.office_term()
+                if term is None:
+                    raise Refusal(grpc.StatusCode.UNAVAILABLE, "the leader is taking office")
+                index = raft.read_index(READ_INDEX_TIMEOUT_S, term)
             else:
                 stub = cluster_pb2_grpc.ClusterStub(self._leader_channel(call))
                 reply = stub.ReadIndex(
@@ -299,7 +302,10 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             reason = f"cannot confirm leadership: {exc}"
             raise Refusal(grpc.StatusCode.UNAVAILABLE, reason) from None
         except grpc.RpcError as exc:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"read index: {exc.details()}") from None
+            code = exc.code()
+            if code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                code = grpc.StatusCode.UNAVAILABLE  # the client tries again, or elsewhere
+            raise Refusal(code, f"read index: {exc.details()}") from None
         if not raft.wait_applied(index, READ_APPLY_TIMEOUT_S):
             raise Refusal(
                 grpc.StatusCode.UNAVAILABLE,
@@ -541,15 +547,19 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             if sub is not None:
                 self._unsubscribe(sub)
 
+    def _ended(self, saga_id: str) -> bool:
+        with self._node.raft.reading() as saga_log:
+            return saga_log.has_ended(saga_id)
+
     async def _until_ended(self, saga_id: str, sub: Subscription) -> sagas_pb2.SagaInfo:
         """What Get answers, once this node has applied the saga's EndSaga."""
         look = True
         while True:
             if look:
-                with self._node.raft.reading() as saga_log:
-                    ended = saga_log.has_ended(saga_id)
-                if ended:
-                    return self._info(saga_id)
+                # Off the event loop: a snapshot install holds the store lock for long.
+                loop = asyncio.get_running_loop()
+                if await loop.run_in_executor(None, self._ended, saga_id):
+                    return await loop.run_in_executor(None, self._info, saga_id)
             await sub.wait(PUSH_RECHECK_S)
             records, fell_behind = sub.take()
             look = fell_behind or not records or any(r.HasField("end_saga") for _, r in records)
@@ -559,7 +569,8 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         try:
             _check_saga_id(request.saga_id)
             sub = self._subscribe(request.saga_id)
-            async for event in self._watch(request.saga_id, request.from_seq, sub):
+            stream = self._watch(request.saga_id, request.from_seq, sub, Call.of(context))
+            async for event in stream:
                 yield event
         except Refusal as refusal:
             await context.abort(refusal.code, refusal.message)
@@ -567,8 +578,22 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             if sub is not None:
                 self._unsubscribe(sub)
 
+    def _read_from(
+        self, saga_id: str, seq: int
+    ) -> tuple[list[log_pb2.Record], int | None, bool, bool]:
+        """(records from `seq`, saga number or None, ended past `seq`, purged). `ended`
+        is read first: an EndSaga applied between the two reads shows up in the
+        records, never as "ended with nothing left to send"."""
+        with self._node.raft.reading() as saga_log:
+            had_ended = saga_log.has_ended(saga_id)
+            records = saga_log.records_from(saga_id, seq)
+            number = saga_log.saga_number(saga_id)
+            ended = had_ended and not records
+            purged = ended and saga_log.tombstone(saga_id) is not None
+        return records, number, ended, purged
+
     async def _watch(
-        self, saga_id: str, seq: int, sub: Subscription
+        self, saga_id: str, seq: int, sub: Subscription, call: Call
     ) -> AsyncIterator[sagas_pb2.WatchEvent]:
         """Records from `seq`: first what the store holds, then as they are pushed.
         A gap (the subscription fell behind, or a snapshot replaced the store)
@@ -579,11 +604,12 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         pending: list[tuple[int, log_pb2.Record]] = []
         while time.monotonic() - started < WATCH_MAX_S:
             if reread:
-                with self._node.raft.reading() as saga_log:
-                    records = saga_log.records_from(saga_id, seq)
-                    known = known or saga_log.saga_number(saga_id) is not None
-                    ended = not records and saga_log.has_ended(saga_id)
-                    purged = ended and saga_log.tombstone(saga_id) is not None
+                loop = asyncio.get_running_loop()
+                # Off the event loop: a snapshot install holds the store lock for long.
+                records, number, ended, purged = await loop.run_in_executor(
+                    None, self._read_from, saga_id, seq
+                )
+                known = known or number is not None
                 if purged:
                     raise Refusal(
                         grpc.StatusCode.FAILED_PRECONDITION,
@@ -593,7 +619,14 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                 if ended:
                     return  # asked from past the saga's last record
                 if not known and time.monotonic() - started > WATCH_UNKNOWN_GRACE_S:
-                    raise Refusal(grpc.StatusCode.NOT_FOUND, f"no saga with id {saga_id!r}")
+                    # Unknown here after the grace: ask the leader whether it exists at
+                    # all, so that a follower that lags does not answer NOT_FOUND.
+                    await loop.run_in_executor(None, self._linearize, call)
+                    again = await loop.run_in_executor(None, self._read_from, saga_id, 0)
+                    if again[1] is None:
+                        raise Refusal(grpc.StatusCode.NOT_FOUND, f"no saga with id {saga_id!r}")
+                    known = True
+                    continue  # reread is still set: read from `seq` again
                 pending = [(seq + i, r) for i, r in enumerate(records)]
             reread = False
             for at, record in pending:

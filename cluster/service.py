@@ -59,10 +59,18 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         self._raft: SagaLogRaft | None = None
         self._proposer: Proposer | None = None
         self._in_office: Callable[[], bool] = lambda: False
+        self._office_term: Callable[[], int | None] = lambda: None
 
-    def attach(self, raft: SagaLogRaft, proposer: Proposer, in_office: Callable[[], bool]) -> None:
+    def attach(
+        self,
+        raft: SagaLogRaft,
+        proposer: Proposer,
+        in_office: Callable[[], bool],
+        office_term: Callable[[], int | None],
+    ) -> None:
         self._proposer = proposer
         self._in_office = in_office
+        self._office_term = office_term
         self._raft = raft
 
     def _started(self, context: Any) -> tuple[SagaLogRaft, Proposer]:
@@ -168,12 +176,14 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
 
     def ReadIndex(self, request: Any, context: Any) -> cluster_pb2.ReadIndexReply:
         raft, _ = self._started(context)
-        if not self._in_office():
+        term = self._office_term()
+        if term is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self._config.id} is not in office")
+        assert term is not None
         remaining = context.time_remaining()
         timeout_s = min(READ_INDEX_TIMEOUT_S, remaining if remaining is not None else 1e9)
         try:
-            return cluster_pb2.ReadIndexReply(index=raft.read_index(timeout_s))
+            return cluster_pb2.ReadIndexReply(index=raft.read_index(timeout_s, term))
         except (ReadRefused, TimeoutError) as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot confirm leadership: {exc}")
             raise

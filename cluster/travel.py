@@ -24,7 +24,7 @@ from saga.v1 import log_pb2
 from cluster.grpcutil import channel_to
 from cluster.launcher import free_ports, stop_processes
 from cluster.participant import ParticipantState, db_path_for, read_state
-from cluster.tls import TlsFiles, dev_files
+from cluster.tls import dev_files
 
 TRAVEL_SERVICES = ("Hotel", "Car", "Flight", "Payment")
 
@@ -111,6 +111,7 @@ class TravelParticipants:
         }
         self.extra_args = {name: list((extra_args or {}).get(name, ())) for name in self.services}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._tls_dir = tls_dir
         self.tls = dev_files(tls_dir, "participant") if tls_dir else None
 
     def __enter__(self) -> TravelParticipants:
@@ -159,7 +160,11 @@ class TravelParticipants:
             "--data-dir",
             self.base_dir,
             *(
-                ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+                [
+                    *("--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)),
+                    # Only the nodes (certificates from the same CA) may call.
+                    *("--tls-ca", str(self.tls.ca), "--tls-require-client-cert"),
+                ]
                 if self.tls
                 else []
             ),
@@ -212,8 +217,9 @@ class TravelParticipants:
         (with its log) if one exits, TimeoutError if one is not ready in time."""
         deadline = time.monotonic() + timeout_s
         for name in names if names is not None else self.services:
-            trust = TlsFiles(ca=self.tls.ca) if self.tls else None
-            with channel_to(self._endpoints[name], trust) as channel:
+            # Probe as a node would: the participants take only the nodes' certificates.
+            probe = dev_files(self._tls_dir, "node") if self._tls_dir else None
+            with channel_to(self._endpoints[name], probe) as channel:
                 ready = grpc.channel_ready_future(channel)
                 try:
                     while True:

@@ -351,9 +351,11 @@ class Driver:
     def _reply(self, saga_id: str, call: core.Call, reply: core.Reply, endpoint: str) -> None:
         self._calls_in_flight -= 1
         self._calls_to[endpoint] -= 1
+        if self._calls_to[endpoint] <= 0:
+            del self._calls_to[endpoint]  # endpoints come from clients: keep no zeros
         waiting = self._blocked_on.get(endpoint)
         if waiting:
-            for blocked in _take(waiting, 1):
+            for blocked in _take(waiting, MAX_CALLS_PER_ENDPOINT - self._calls_to[endpoint]):
                 self._touch(blocked)
             if not waiting:
                 del self._blocked_on[endpoint]

@@ -24,6 +24,7 @@ the same key from the password file alone.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import struct
@@ -42,10 +43,21 @@ KEY_LABEL = b"sagacluster raft frames v1"
 MAX_CACHED_SENDERS = 64  # peers' derived keys kept (each restart of a peer adds one)
 
 
+@functools.lru_cache(maxsize=4)
+def cluster_key(password: str) -> bytes:
+    """The key every member derives from the Raft password (stretched: a stolen
+    frame or credential does not make guessing the password cheap)."""
+    return PBKDF2HMAC(hashes.SHA256(), 32, KEY_LABEL, KDF_ITERATIONS).derive(password.encode())
+
+
+def derived_secret(password: str, purpose: bytes) -> bytes:
+    """A secret for one purpose, from the cluster key (HKDF; one label a purpose)."""
+    return HKDF(hashes.SHA256(), 32, None, purpose).derive(cluster_key(password))
+
+
 class FrameCipher:
     def __init__(self, password: str) -> None:
-        kdf = PBKDF2HMAC(hashes.SHA256(), 32, KEY_LABEL, KDF_ITERATIONS)
-        self._cluster_key = kdf.derive(password.encode())
+        self._cluster_key = cluster_key(password)
         self._salt = os.urandom(_SALT_LEN)
         self._sending = AESGCM(self._derive(self._salt))
         self._counter = itertools.count(1)

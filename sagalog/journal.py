@@ -24,11 +24,12 @@ silently drop acknowledged entries. Recovery then raises JournalCorrupt (the
 node stops and says so) and leaves the file as it is.
 
 Term, vote and commit index live in `<path>.meta` (JSON, replaced atomically).
-`<path>.synced` holds the byte length of the last fsync (never fsynced itself):
-cutting the journal back to it simulates a power loss, and recovery treats a bad
-entry before it as corruption. After a power loss it may hold an older, smaller
-length, never a larger one (it is written after the fsync it records), so it can
-only make recovery more lenient, never refuse a torn tail.
+`<path>.synced` holds the byte length of the last fsync: cutting the journal back
+to it simulates a power loss, and recovery treats a bad entry before it as
+corruption. It is not fsynced when it grows (it is written after the fsync it
+records, so a power loss leaves an older, smaller value: recovery is then only
+more lenient), and it is fsynced before the file shrinks (compaction, a
+follower's truncation), so it never stays larger than the file's fsynced bytes.
 
 Not thread-safe: pysyncobj calls the journal from its tick thread only, and
 `sync` must be called from that thread too.
@@ -306,6 +307,16 @@ class DurableJournal(Journal):
 
     # ---- durability -------------------------------------------------------------------
 
+    def _lower_recorded_sync(self, length: int) -> None:
+        """Before the file shrinks, make `<path>.synced` durably no larger than its new
+        length. Otherwise a power loss could leave the old, larger value beside the
+        shorter file, and a torn tail appended since would look like damage inside
+        fsynced bytes (recovery would stop the node instead of cutting it)."""
+        if length < self._synced:
+            self._synced = length
+            os.pwrite(self._synced_fd, _SYNCED.pack(length), 0)
+            os.fsync(self._synced_fd)
+
     def _fsync_and_record(self) -> None:
         _datasync(self._fd)
         self._dirty = False
@@ -363,6 +374,7 @@ class DurableJournal(Journal):
     def _rewrite(self, entries: list[Entry]) -> None:
         """Replace the file with one holding exactly `entries`, atomically and durably."""
         frames = [_frame(*entry) for entry in entries]
+        self._lower_recorded_sync(FILE_HEADER_SIZE + sum(len(f) for f in frames))
         tmp = self.path + ".tmp"
         replace_durably(self.path, tmp, [_file_header(), *frames])
         new_fd = os.open(self.path, os.O_RDWR)
@@ -414,6 +426,7 @@ class DurableJournal(Journal):
         self._end = self._offsets[start]
         del self._entries[start:]
         del self._offsets[start:]
+        self._lower_recorded_sync(self._end)
         os.ftruncate(self._fd, self._end)
         self._fsync_and_record()
 

@@ -242,6 +242,10 @@ def _read_capped(conn: Any, read: Callable[[], bool]) -> bool:
             log.warning("closed a Raft connection announcing a %d-byte frame", length)
             conn.disconnect()
             return False
+    if len(buffer) > 2 * (MAX_FRAME_BYTES + 4):  # frames queued behind a small one
+        log.warning("closed a Raft connection holding %d unread bytes", len(buffer))
+        conn.disconnect()
+        return False
     return more
 
 
@@ -694,13 +698,16 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
             voters = self._SyncObj__otherNodes  # configured voters only, never read-only peers
             self._reads.answered(node, round_, voters, self.raftCurrentTerm)
 
-    def read_index(self, timeout_s: float) -> int:
+    def read_index(self, timeout_s: float, term: int) -> int:
         """Leader only, any thread: an index such that every write acknowledged
         before this call is at or below it, once this node has confirmed that it
-        still leads. ReadRefused when it does not; TimeoutError."""
-        if self._SyncObj__raftState != 2:  # type: ignore[has-type]
-            raise ReadRefused("this node is not the leader")
-        read: PendingRead = self._reads.request(self.raftCommitIndex, self.raftCurrentTerm)
+        still leads. `term`: the term in which the caller saw this node in office
+        (its own entry committed in that term, so its commit index covers every
+        older leader's writes); a read is confirmed only in that term.
+        ReadRefused when it does not lead in it; TimeoutError."""
+        if self._SyncObj__raftState != 2 or self.raftCurrentTerm != term:  # type: ignore[has-type]
+            raise ReadRefused(f"this node is not the leader in term {term}")
+        read: PendingRead = self._reads.request(self.raftCommitIndex, term)
         notifier = getattr(self, "_SyncObj__pipeNotifier", None)
         if notifier is not None:
             notifier.notify()  # wake the Raft loop now rather than at its next tick

@@ -90,3 +90,24 @@ def test_mutual_tls_needs_a_client_certificate(secured) -> None:
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         else:
             assert list(no_cert.list()) is not None
+
+
+def test_a_participant_takes_calls_only_from_the_nodes(secured) -> None:
+    """The travel participants run with --tls-require-client-cert: a caller without
+    a certificate from the nodes' CA cannot book or cancel anything."""
+    from saga.v1 import participant_pb2, participant_pb2_grpc
+
+    from cluster.grpcutil import channel_to
+    from cluster.tls import TlsFiles
+
+    cluster, parts = secured
+    assert cluster.client_tls is not None
+    request = participant_pb2.StepRequest(
+        saga_id="intruder", vertex="Hotel", action="CancelHotel",
+        idempotency_key="intruder/Hotel/compensation", attempt=1, epoch=1,
+    )  # fmt: skip
+    with channel_to(parts.endpoints["Hotel"], TlsFiles(ca=cluster.client_tls.ca)) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            participant_pb2_grpc.ParticipantStub(channel).Compensate(request, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert parts.state("Hotel").calls_for("intruder/Hotel/request") == []

@@ -542,3 +542,36 @@ def test_bytes_through_counts_what_compaction_up_to_an_index_frees(
         3 * frame,
     ]
     assert j.size_bytes == FILE_HEADER_SIZE + 3 * frame
+
+
+@pytest.mark.parametrize("shrink", ["compaction", "truncation"])
+def test_a_torn_tail_after_the_file_shrank_is_still_a_torn_tail(
+    path: str, opened: list[DurableJournal], shrink: str, monkeypatch
+) -> None:
+    """A power loss right after the journal shrank and grew again. The sidecar's
+    unsynced writes are lost with it; if it still held the old, larger length, the
+    torn tail would look like damage inside fsynced bytes and stop the node."""
+    j = filled(path, opened, 20)
+    j.sync()
+    durable = {"synced": read_synced_sidecar(path)}  # written back by the OS since
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # what reaches the disk of the sidecar: its fsyncs
+        real_fsync(fd)
+        if fd == j._synced_fd:
+            durable["synced"] = read_synced_sidecar(path)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if shrink == "compaction":
+        j.deleteEntriesTo(18)  # rewrites the file with entries 19 and 20
+    else:
+        j.deleteEntriesFrom(2)  # keeps entries 1 and 2
+    kept = j[:]
+    j.close()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    with open(path + ".synced", "r+b") as f:  # the power loss: only fsynced bytes stay
+        f.write(struct.pack(">Q", durable["synced"]))
+    with open(path, "ab") as f:  # appended after the shrink, never synced, torn
+        f.write((1 << 16).to_bytes(4, "big") + os.urandom(60))
+    assert open_journal(path, opened)[:] == kept

@@ -11,8 +11,10 @@ from saga.v1 import log_pb2
 
 from cluster import push
 from cluster.push import AppliedFeed
-from cluster.sagas_service import SagasService
+from cluster.sagas_service import Call, SagasService
 from sagalog import records as rec
+
+CALL = Call(forwarded=False, time_remaining_s=None)
 
 
 def _records(n: int, end: bool = True) -> list[log_pb2.Record]:
@@ -29,10 +31,15 @@ class _Log:
     def __init__(self) -> None:
         self.records: list[log_pb2.Record] = []
         self.reads = 0
+        self.after_read = None
 
     def records_from(self, saga_id: str, seq: int) -> list[log_pb2.Record]:
         self.reads += 1
-        return self.records[seq:]
+        out = self.records[seq:]
+        if self.after_read is not None:  # an entry applied right after this read
+            self.after_read()
+            self.after_read = None
+        return out
 
     def saga_number(self, saga_id: str) -> int | None:
         return 1 if self.records else None
@@ -96,7 +103,7 @@ def test_watch_delivers_each_record_once_in_order_across_a_fall_behind() -> None
         all_records = _records(3 * push.MAX_BUFFERED_RECORDS)
         _apply(node, all_records[:5])  # in the store before the stream starts
         sub = feed.subscribe("s")
-        stream = service._watch("s", 0, sub)
+        stream = service._watch("s", 0, sub, CALL)
         got = [await stream.__anext__() for _ in range(5)]
         # Now a burst larger than the buffer, applied while the reader is away.
         _apply(node, all_records[5:])
@@ -116,7 +123,7 @@ def test_watch_follows_pushed_records_without_reading_the_store_again() -> None:
         service = SagasService(node)  # type: ignore[arg-type]
         records = _records(6)
         sub = feed.subscribe("s")
-        stream = service._watch("s", 0, sub)
+        stream = service._watch("s", 0, sub, CALL)
         _apply(node, records[:1])
         got = [await stream.__anext__()]
         for record in records[1:]:
@@ -137,11 +144,31 @@ def test_a_snapshot_install_sends_every_stream_back_to_the_store() -> None:
         records = _records(8)
         _apply(node, records[:2])
         sub = feed.subscribe("s")
-        stream = service._watch("s", 0, sub)
+        stream = service._watch("s", 0, sub, CALL)
         got = [await stream.__anext__(), await stream.__anext__()]
         node.raft.log.records.extend(records[2:])  # installed wholesale: nothing published
         feed.reset()
         got += [event async for event in stream]
         assert [e.seq for e in got] == list(range(8))
+
+    asyncio.run(scenario())
+
+
+def test_an_end_applied_between_the_stores_reads_is_still_delivered() -> None:
+    """The stream must not conclude "ended, nothing left to send" from a read of the
+    records that missed the entry holding EndSaga (and the last EndT with it)."""
+
+    async def scenario() -> None:
+        feed = AppliedFeed(asyncio.get_running_loop())
+        node = _Node(feed)
+        service = SagasService(node)  # type: ignore[arg-type]
+        records = _records(5)
+        _apply(node, records[:3])
+        sub = feed.subscribe("s")
+        stream = service._watch("s", 3, sub, CALL)
+        node.raft.log.after_read = lambda: _apply(node, records[3:])
+        got = [e async for e in stream]
+        assert [e.seq for e in got] == [3, 4]
+        assert got[-1].record.HasField("end_saga")
 
     asyncio.run(scenario())
