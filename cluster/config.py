@@ -132,6 +132,11 @@ class NodeConfig:
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("give --tls-cert and --tls-key together")
+        if self.auth_file and self.raft_password is None:
+            raise ValueError(
+                "--auth-file needs --raft-password-file: nodes authenticate to each other "
+                "with a credential derived from it"
+            )
         if self.tls_require_client_cert and not (self.tls_cert and self.tls_ca):
             raise ValueError("--tls-require-client-cert needs --tls-cert, --tls-key and --tls-ca")
         if not is_loopback(self.grpc_addr) and not self.insecure_grpc:

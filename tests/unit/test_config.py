@@ -131,7 +131,10 @@ def test_a_non_loopback_grpc_address_needs_tls_and_auth_or_insecure_grpc(tmp_pat
     tls = ["--tls-cert", "n.pem", "--tls-key", "n.key"]
     with pytest.raises(ValueError, match="give --auth-file"):
         from_args(argv + tls)
-    config, _ = from_args(argv + tls + ["--auth-file", str(tmp_path / "auth.toml")])
+    secret = tmp_path / "raft.secret"
+    secret.write_text("a long enough secret")
+    auth = ["--auth-file", str(tmp_path / "auth.toml"), "--raft-password-file", str(secret)]
+    config, _ = from_args(argv + tls + auth)
     assert config.tls_cert == "n.pem" and not config.insecure_grpc
     config, _ = from_args(argv + ["--insecure-grpc"])
     assert config.insecure_grpc
@@ -153,3 +156,8 @@ def test_tls_flags_come_in_working_sets(flags, needle) -> None:
 def test_participant_allow_list_from_flags() -> None:
     config, _ = from_args(BASE + ["--participant-allow", "h:1", "--participant-allow", "h2:*"])
     assert config.participant_allow == ("h:1", "h2:*")
+
+
+def test_an_auth_file_needs_a_raft_password(tmp_path) -> None:
+    with pytest.raises(ValueError, match="--auth-file needs --raft-password-file"):
+        from_args(BASE + ["--auth-file", str(tmp_path / "auth.toml")])
