@@ -40,6 +40,7 @@ from cluster.grpcutil import channel_to
 from cluster.push import AppliedFeed, Subscription
 from cluster.service import PROPOSE_ERROR_CODES, READ_INDEX_TIMEOUT_S
 from cluster.tls import TlsFiles
+from coordinator import core
 from coordinator.view import SagaView
 from sagalog import codec
 from sagalog import records as rec
@@ -381,10 +382,13 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                 f"the coordinator is {lag * 1000:.0f} ms behind "
                 f"(limit {MAX_COORDINATOR_LAG_S * 1000:.0f} ms); retry later",
             )
-        record = rec.start_saga(
-            saga_id, epoch, request.definition, request.payload, int(time.time() * 1000)
-        )
-        result = self._propose([record]).results[0]
+        now_ms = int(time.time() * 1000)
+        record = rec.start_saga(saga_id, epoch, request.definition, request.payload, now_ms)
+        # The roots' StartT go in the same entry: one commit less on every saga's
+        # critical path. Their fate follows the StartSaga's (the log refuses a StartT
+        # of a saga it does not have, and answers DUPLICATE for a resubmission).
+        opening = core.plan_ahead(SagaView(saga_id), [record], epoch, now_ms).records
+        result = self._propose([record, *opening]).results[0]
         if result.verdict == log_pb2.ACCEPTED:
             return sagas_pb2.SubmitReply(saga_id=saga_id, created=True)
         if result.verdict == log_pb2.DUPLICATE:

@@ -119,6 +119,44 @@ def plan(view: SagaView, epoch: int, now_ms: int) -> Plan:
     return Plan([], [])
 
 
+def plan_ahead(view: SagaView, proposed: list[log_pb2.Record], epoch: int, now_ms: int) -> Plan:
+    """`plan` for a saga whose `proposed` records are on their way to the log: the
+    records that follow them, to go in the same Raft entry (a saga's StartSaga with
+    its roots' StartT, the last EndT a vertex waits for with the StartT it unblocks,
+    the last end record with EndSaga), and the calls the *applied* log asks for.
+
+    Log before acting still holds: a call is returned only when its StartT or StartC
+    is in `view` (applied, so committed). Chaining is safe because the log checks
+    every record against the state left by the records before it: if a proposed
+    record is lost or refused, what was decided from it is refused too, and the
+    next plan decides again."""
+    ahead = view.ahead(proposed) if proposed else view
+    records: list[log_pb2.Record] = []
+    step = plan(ahead, epoch, now_ms)
+    # Each step moves the saga forward or stops: a DAG of n vertices needs at most
+    # one step per vertex and per saga-level record.
+    for _ in range(2 * len(ahead.vertices) + 3):
+        if not step.records:
+            break
+        following = ahead.ahead(step.records)
+        if following.next_seq == ahead.next_seq:
+            break  # the log would refuse them all: nothing to chain
+        records.extend(step.records)
+        ahead = following
+        step = plan(ahead, epoch, now_ms)
+    return Plan(records, [call for call in step.calls if _committed(view, call)])
+
+
+def _committed(view: SagaView, call: Call) -> bool:
+    """The StartT or StartC this call is made under is applied."""
+    v = view.state.vertices.get(call.vertex)
+    if v is None:
+        return False
+    if call.compensation:
+        return v.comp in (Comp.STARTED, Comp.STUCK) and v.comp_attempt == call.attempt
+    return v.req is Req.STARTED and v.req_attempt == call.attempt
+
+
 def _plan_running(view: SagaView, epoch: int, now_ms: int) -> Plan:
     sid, state = view.saga_id, view.state
     records: list[log_pb2.Record] = []

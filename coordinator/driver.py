@@ -73,7 +73,9 @@ class _Run:
     view: SagaView
     calls: set[core.Call] = field(default_factory=set)  # outstanding participant calls
     waiting: set[core.Call] = field(default_factory=set)  # failed calls awaiting a retry
-    pending: set[tuple] = field(default_factory=set)  # record identities proposed, not applied
+    # Records proposed and not applied yet, by identity, in the order they were
+    # proposed: the plan decides what follows them without waiting for their commit.
+    pending: dict[tuple, log_pb2.Record] = field(default_factory=dict)
 
 
 def _take(queue: OrderedDict[str, None], limit: int) -> list[str]:
@@ -271,7 +273,7 @@ class Driver:
         if run is None:
             self._load(saga_id)
             return
-        run.pending.discard(_identity(record))
+        run.pending.pop(_identity(record), None)
         if seq == run.view.next_seq:
             run.view.add(record)
             if record.HasField("end_saga"):
@@ -330,7 +332,7 @@ class Driver:
         if run.view.phase is Phase.ENDED:
             self._runs.pop(saga_id, None)
             return
-        plan = core.plan(run.view, self.epoch, now_ms)
+        plan = core.plan_ahead(run.view, list(run.pending.values()), self.epoch, now_ms)
         self._propose(run, plan.records)
         for call in plan.calls:
             if call not in run.calls and call not in run.waiting:
@@ -340,7 +342,7 @@ class Driver:
         for record in records:
             identity = _identity(record)
             if identity not in run.pending:
-                run.pending.add(identity)
+                run.pending[identity] = record
                 self._outbox.append((record, identity, time.monotonic()))
 
     def _maybe_crash(self, point: str) -> None:
@@ -373,8 +375,11 @@ class Driver:
             self._timer_seq += 1
             due = time.monotonic() + response.retry_after_ms / 1000
             heapq.heappush(self._timers, (due, self._timer_seq, saga_id, call))
-        elif not response.records:
-            self._touch(saga_id)  # a stale or ignored reply: re-plan
+        else:
+            # Re-plan in this turn: what follows the reply's records (the StartT they
+            # unblock, EndSaga) joins them in this turn's entry; a stale or ignored
+            # reply is re-planned too.
+            self._touch(saga_id)
 
     def _retry(self, saga_id: str, call: core.Call) -> None:
         run = self._runs.get(saga_id)
@@ -449,7 +454,7 @@ class Driver:
         for identity in identities:
             run = self._runs.get(identity[0])
             if run is not None:
-                run.pending.discard(identity)
+                run.pending.pop(identity, None)
                 self._touch(identity[0])
 
     # ---- IO: participant calls -------------------------------------------------------

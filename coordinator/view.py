@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from saga.v1 import log_pb2
 
 from sagalog import codec
-from sagalog.transitions import Comp, Phase, Req, SagaState, apply
+from sagalog.transitions import Comp, Event, Phase, Req, SagaState, apply, decide
 
 
 @dataclass
@@ -43,8 +43,36 @@ class SagaView:
         event = codec.to_event(record).event
         if event is None:  # not a saga record; the log never stores one under a saga
             return
-        apply(self.state, event)
         self.records.append(record)
+        self._fold(record, event)
+
+    def ahead(self, proposed: Iterable[log_pb2.Record]) -> SagaView:
+        """This saga as it will be once `proposed` (records sent to the log, not yet
+        applied) are, to decide what follows them in the same entry. A copy: the view
+        itself stays what the log holds. A record the rules would refuse here is
+        skipped, as the log will refuse it. It keeps no `records`: only the rules' state
+        and what the coordinator decides from."""
+        view = SagaView(
+            self.saga_id,
+            state=self.state.copy(),
+            definition=self.definition,
+            payload=self.payload,
+            vertices=self.vertices,
+            outputs=dict(self.outputs),
+            errors=dict(self.errors),
+            abort_reason=self.abort_reason,
+            outcome=self.outcome,
+            started_ms=self.started_ms,
+            ended_ms=self.ended_ms,
+        )
+        for record in proposed:
+            event = codec.to_event(record).event
+            if event is not None and decide(view.state, event).accepted:
+                view._fold(record, event)
+        return view
+
+    def _fold(self, record: log_pb2.Record, event: Event) -> None:
+        apply(self.state, event)
         body = codec.body_name(record)
         if body == "start_saga":
             self.definition = record.start_saga.definition

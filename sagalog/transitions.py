@@ -41,7 +41,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class Kind(enum.Enum):
@@ -190,6 +190,20 @@ class SagaState:
     # invariant: next_seq == number of accepted records
     next_seq: int = 0
     stuck: bool = False
+
+    def copy(self) -> SagaState:
+        """An independent copy to fold records into (the DAG itself is shared: no
+        record changes it after StartSaga)."""
+        return SagaState(
+            phase=self.phase,
+            deps=self.deps,
+            dependents=self.dependents,
+            vertices={name: replace(v) for name, v in self.vertices.items()},
+            outcome=self.outcome,
+            seen=dict(self.seen),
+            next_seq=self.next_seq,
+            stuck=self.stuck,
+        )
 
 
 @dataclass(frozen=True)

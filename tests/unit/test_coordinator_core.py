@@ -20,11 +20,12 @@ def travel() -> log_pb2.SagaDefinition:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, started: bool = True) -> None:
         self.log = SagaLog(MemoryKV())
         self.index = 0
         self.commit([rec.epoch(EPOCH, "n1")])
-        self.commit([rec.start_saga("s", EPOCH, travel(), b"p")])
+        if started:
+            self.commit([rec.start_saga("s", EPOCH, travel(), b"p")])
 
     def commit(self, records: list[log_pb2.Record]) -> log_pb2.BatchResult:
         self.index += 1
@@ -226,3 +227,106 @@ def test_definition_checks_name_the_problem() -> None:
         ]
     )
     assert "limit" in check_definition(too_many)
+
+
+# ---- records decided together are logged together (plan_ahead) ----------------------
+
+
+def body_names(records: list[log_pb2.Record]) -> list[tuple[str, str]]:
+    return [
+        (r.WhichOneof("body"), getattr(getattr(r, r.WhichOneof("body")), "vertex", ""))
+        for r in records
+    ]
+
+
+def commit_all(h: Harness, records: list[log_pb2.Record]) -> None:
+    result = h.commit(records)
+    assert [r.verdict for r in result.results] == [log_pb2.ACCEPTED] * len(records), result
+
+
+def test_the_travel_saga_needs_three_entries_on_its_critical_path() -> None:
+    h = Harness(started=False)
+    start = rec.start_saga("s", EPOCH, travel(), b"p")
+    opening = core.plan_ahead(SagaView("s"), [start], EPOCH, 0)
+    # Entry 1: StartSaga with the roots' StartT; nothing is called before it commits.
+    assert body_names(opening.records) == [("start_t", v) for v in ("Hotel", "Car", "Flight")]
+    assert opening.calls == []
+    commit_all(h, [start, *opening.records])
+    assert calls(core.plan_ahead(h.view(), [], EPOCH, 0)) == {
+        ("Hotel", False, 1),
+        ("Car", False, 1),
+        ("Flight", False, 1),
+    }
+    for v in ("Hotel", "Car"):  # replies that unblock nothing yet: their EndT alone
+        response = h.reply(core.Call(v, False, 1), core.Reply(True, v.encode()))
+        assert core.plan_ahead(h.view(), [], EPOCH, 0).records == []
+        assert len(response.records) == 1
+    # Entry 2: the last EndT Payment waits for, with Payment's StartT.
+    view = h.view()
+    end_flight = core.on_reply(
+        view, core.Call("Flight", False, 1), core.Reply(True, b"F"), EPOCH, 0
+    )
+    following = core.plan_ahead(view, end_flight.records, EPOCH, 0)
+    assert body_names(following.records) == [("start_t", "Payment")]
+    assert calls(following) == set()  # Payment's StartT is not committed yet
+    commit_all(h, end_flight.records + following.records)
+    assert calls(core.plan_ahead(h.view(), [], EPOCH, 0)) == {("Payment", False, 1)}
+    # Entry 3: Payment's EndT with EndSaga.
+    view = h.view()
+    end_payment = core.on_reply(
+        view, core.Call("Payment", False, 1), core.Reply(True, b"P"), EPOCH, 0
+    )
+    closing = core.plan_ahead(view, end_payment.records, EPOCH, 0)
+    assert body_names(closing.records) == [("end_saga", "")]
+    commit_all(h, end_payment.records + closing.records)
+    assert h.view().outcome == log_pb2.OUTCOME_COMPLETED
+
+
+def test_a_refusal_starts_its_compensations_in_its_entry_and_the_last_end_c_ends_the_saga() -> None:
+    h = Harness()
+    h.plan()
+    h.reply(core.Call("Hotel", False, 1), core.Reply(True, b"H"))
+    h.reply(core.Call("Flight", False, 1), core.Reply(True, b"F"))
+    view = h.view()
+    refused = core.on_reply(
+        view, core.Call("Car", False, 1), core.Reply(False, error="no cars"), EPOCH, 0
+    )
+    following = core.plan_ahead(view, refused.records, EPOCH, 0)
+    # Every started vertex (Car's request may have taken effect) is compensated.
+    assert sorted(body_names(following.records)) == [
+        ("start_c", "Car"),
+        ("start_c", "Flight"),
+        ("start_c", "Hotel"),
+    ]
+    assert following.calls == []  # the StartC are not committed yet
+    commit_all(h, refused.records + following.records)
+    for v in ("Hotel", "Car"):
+        h.reply(core.Call(v, True, 1), core.Reply(True))
+    view = h.view()
+    last = core.on_reply(view, core.Call("Flight", True, 1), core.Reply(True), EPOCH, 0)
+    closing = core.plan_ahead(view, last.records, EPOCH, 0)
+    assert body_names(closing.records) == [("end_saga", "")]
+    commit_all(h, last.records + closing.records)
+    assert h.view().outcome == log_pb2.OUTCOME_ABORTED
+
+
+def test_nothing_is_chained_to_a_record_the_log_would_refuse() -> None:
+    h = Harness()
+    h.plan()
+    # An EndT for Payment, which never started: the log refuses it, so no EndSaga.
+    bogus = rec.end_t("s", EPOCH, "Payment", b"P")
+    following = core.plan_ahead(h.view(), [bogus], EPOCH, 0)
+    assert following.records == []
+    # The committed StartT still ask for their calls.
+    assert {c.vertex for c in following.calls} == {"Hotel", "Car", "Flight"}
+
+
+def test_a_call_whose_retry_is_proposed_is_not_sent_under_the_old_attempt() -> None:
+    h = Harness()
+    h.plan()
+    retry = core.retry(h.view(), core.Call("Hotel", False, 1), EPOCH, 0)
+    assert retry is not None and len(retry) == 1
+    plan = core.plan_ahead(h.view(), retry, EPOCH, 0)
+    assert ("Hotel", False, 1) not in calls(plan) and ("Hotel", False, 2) not in calls(plan)
+    commit_all(h, retry)
+    assert ("Hotel", False, 2) in calls(core.plan_ahead(h.view(), [], EPOCH, 0))

@@ -78,7 +78,11 @@ class CoordinatorModel(RuleBasedStateMachine):
         self.outstanding: set[tuple[str, core.Call]] = set()
         self.new_leader()
         for saga_id in SAGAS:
-            self.commit([rec.start_saga(saga_id, self.epoch, definition())])
+            start = rec.start_saga(saga_id, self.epoch, definition())
+            # As Submit does: the roots' StartT in the StartSaga's entry.
+            opening = core.plan_ahead(SagaView(saga_id), [start], self.epoch, 0)
+            assert opening.records and not opening.calls
+            self.commit([start, *opening.records])
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -98,9 +102,12 @@ class CoordinatorModel(RuleBasedStateMachine):
         return core.request_key(saga_id, call.vertex)
 
     def handle(self, saga_id: str, call: core.Call, reply: core.Reply) -> None:
-        response = core.on_reply(self.view(saga_id), call, reply, self.epoch, 0)
+        view = self.view(saga_id)
+        response = core.on_reply(view, call, reply, self.epoch, 0)
         if response.records:
-            self.commit(response.records)
+            # As the driver does: what follows the reply's records goes in their entry.
+            following = core.plan_ahead(view, response.records, self.epoch, 0)
+            self.commit(response.records + following.records)
         if response.retry_after_ms is not None:
             self.retries.append((saga_id, call))
 
@@ -114,7 +121,7 @@ class CoordinatorModel(RuleBasedStateMachine):
 
     @rule(saga_id=st.sampled_from(SAGAS))
     def plan(self, saga_id: str) -> None:
-        plan = core.plan(self.view(saga_id), self.epoch, 0)
+        plan = core.plan_ahead(self.view(saga_id), [], self.epoch, 0)
         if plan.records:
             self.commit(plan.records)
         for call in plan.calls:
