@@ -29,6 +29,7 @@ from cluster.client import (
     STREAM_RETRYABLE,
     Attempts,
     client_tls,
+    retryable_codes,
     submit_request,
     timed_out,
 )
@@ -45,6 +46,7 @@ class AsyncSagaClient:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        retry_when_busy: bool = True,
     ) -> None:
         """As SagaClient's."""
         if not addrs:
@@ -52,6 +54,7 @@ class AsyncSagaClient:
         self.addrs = list(addrs)
         self.call_timeout_s = call_timeout_s
         self.retry_deadline_s = retry_deadline_s
+        self._retryable = retryable_codes(retry_when_busy)
         self._metadata = bearer(token)
         tls = client_tls(tls_ca, tls_cert, tls_key)
         self._channels = [
@@ -85,7 +88,7 @@ class AsyncSagaClient:
                 self._preferred = attempts.node
                 return reply
             except grpc.RpcError as exc:
-                pause = attempts.again(exc.code())
+                pause = attempts.again(exc.code(), self._retryable)
                 if pause is None:
                     raise
             await asyncio.sleep(pause)

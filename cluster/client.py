@@ -16,6 +16,7 @@ the same methods for asyncio code.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,12 @@ RETRYABLE = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+
+
+def retryable_codes(retry_when_busy: bool) -> frozenset[grpc.StatusCode]:
+    return RETRYABLE if retry_when_busy else RETRYABLE - {grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
 # A stream also ends CANCELLED when the node serving it stops: resume elsewhere.
 STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
 ENDED = frozenset({sagas_pb2.COMPLETED, sagas_pb2.ABORTED})
@@ -60,11 +67,18 @@ class Attempts:
         return self.deadline - time.monotonic()
 
     def again(self, code: grpc.StatusCode, retryable: frozenset = RETRYABLE) -> float | None:
-        """After a failure with `code`: the pause before the next attempt (on the
-        next node), or None when the call must fail now."""
+        """After a failure with `code`: the pause before the next attempt, or None
+        when the call must fail now.
+
+        RESOURCE_EXHAUSTED is the leader shedding load: the same node is asked
+        again (another would only forward to it, at a cost to both), after a
+        jittered pause so that refused callers do not return in step. Any other
+        retryable code moves on to the next node."""
         if code not in retryable or self.remaining_s() < self.backoff_s:
             return None
         pause, self.backoff_s = self.backoff_s, min(self.backoff_s * 2, MAX_BACKOFF_S)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return pause * random.uniform(0.5, 1.5)
         self.node = (self.node + 1) % self.nodes
         return pause
 
@@ -112,15 +126,19 @@ class SagaClient:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        retry_when_busy: bool = True,
     ) -> None:
         """`token`: the bearer token of a cluster that runs with --auth-file.
         `tls_ca`: talk TLS, trusting this PEM CA (with a client certificate and key
-        where the nodes require one)."""
+        where the nodes require one). `retry_when_busy=False`: a Submit or Run the
+        leader refuses for load (RESOURCE_EXHAUSTED) fails at once instead of
+        being retried, for callers that shed load themselves."""
         if not addrs:
             raise ValueError("give at least one node address")
         self.addrs = list(addrs)
         self.call_timeout_s = call_timeout_s
         self.retry_deadline_s = retry_deadline_s
+        self._retryable = retryable_codes(retry_when_busy)
         self._metadata = bearer(token)
         tls = client_tls(tls_ca, tls_cert, tls_key)
         self._channels = [channel_to(a, tls) for a in self.addrs]
@@ -151,7 +169,7 @@ class SagaClient:
                 self._preferred = attempts.node
                 return reply
             except grpc.RpcError as exc:
-                pause = attempts.again(exc.code())
+                pause = attempts.again(exc.code(), self._retryable)
                 if pause is None:
                     raise
             time.sleep(pause)

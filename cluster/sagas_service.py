@@ -360,14 +360,13 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             )
         return request
 
-    def submit(self, request: sagas_pb2.SubmitRequest, call: Call) -> sagas_pb2.SubmitReply:
-        """Submit's whole answer (Run's first half); blocking; raises Refusal."""
-        request = self._checked(request)
-        saga_id = request.saga_id
-        forwarded = self._forward("Submit", request, call)
-        if forwarded is not None:
-            return forwarded
-        epoch = self._epoch()
+    def admit(self) -> None:
+        """Refuse a new saga while the leader is full, before any other work: past
+        the peak, a refusal must cost less than the saga it keeps out, or refusing
+        eats the capacity that admitted sagas need. A follower admits everything
+        here: it forwards, and the leader decides."""
+        if not self._node.is_leader():
+            return
         in_flight, limit = self._node.sagas_in_flight(), self._node.saga_limit()
         if in_flight >= limit:
             raise Refusal(
@@ -382,6 +381,16 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                 f"the coordinator is {lag * 1000:.0f} ms behind "
                 f"(limit {MAX_COORDINATOR_LAG_S * 1000:.0f} ms); retry later",
             )
+
+    def submit(self, request: sagas_pb2.SubmitRequest, call: Call) -> sagas_pb2.SubmitReply:
+        """Submit's whole answer (Run's first half); blocking; raises Refusal."""
+        self.admit()
+        request = self._checked(request)
+        saga_id = request.saga_id
+        forwarded = self._forward("Submit", request, call)
+        if forwarded is not None:
+            return forwarded
+        epoch = self._epoch()
         now_ms = int(time.time() * 1000)
         record = rec.start_saga(saga_id, epoch, request.definition, request.payload, now_ms)
         # The roots' StartT go in the same entry: one commit less on every saga's
@@ -538,6 +547,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
     async def Run(self, request: Any, context: Any) -> sagas_pb2.SagaInfo:
         sub = None
         try:
+            self.admit()  # on the event loop: a refusal costs no thread hop
             request = self._checked(request)
             # Subscribe before submitting: an EndSaga applied from now on is pushed.
             sub = self._subscribe(request.saga_id)

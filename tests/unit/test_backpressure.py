@@ -132,7 +132,7 @@ def test_the_limit_grows_fast_when_latency_is_low_but_not_past_twice_the_load() 
     assert a.limit == int(admission.MIN_LIMIT * admission.INCREASE) + 1
     t = run_periods(a, t, 20, 0.02, in_flight=300)
     assert a.limit == 600  # twice the sagas that were in flight
-    run_periods(a, t, 20, 0.02, in_flight=10)
+    run_periods(a, t, 20, 0.02, in_flight=2)
     assert a.limit == admission.MIN_LIMIT  # an idle cluster banks no large limit
 
 
