@@ -339,11 +339,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{'refused':>8}{'submit p50/p99':>15}{'rec/entry':>10}{'cpu s/saga':>11}  peak RSS MB"
     )
     for r in rows:
+        submit = (
+            f"{fmt(r.get('submit_p50_ms'))}/{fmt(r.get('submit_p99_ms'))}"
+            if "submit_p50_ms" in r
+            else ""
+        )
         print(
             f"{r['system']:16}{str(r['rate']):>9}{fmt(r.get('ended_per_s')):>10}"
             f"{fmt(r.get('p50_ms')):>9}{fmt(r.get('p90_ms')):>9}{fmt(r.get('p99_ms')):>9}"
             f"{str(r.get('refused', '')):>8}"
-            f"{fmt(r.get('submit_p50_ms')) + '/' + fmt(r.get('submit_p99_ms')) if 'submit_p50_ms' in r else '':>15}"
+            f"{submit:>15}"
             f"{fmt(r.get('records_per_entry'), 2):>10}"
             f"{fmt(r.get('cpu_s_per_saga'), 4):>11}"
             f"  {r.get('peak_rss_mb', '')}{r.get('error', '')[:200]}"

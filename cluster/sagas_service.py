@@ -23,12 +23,13 @@ leader.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -228,6 +229,11 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         # One channel per leader address, never closed while calls may use it.
         self._channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
+        # Submits admitted and not answered yet: their sagas are not in the
+        # coordinator's count until StartSaga applies, and a burst let through
+        # between two applies would overshoot the limit.
+        self._admitting = 0
+        self._admitting_lock = threading.Lock()
 
     # ---- routing ---------------------------------------------------------------------
 
@@ -365,9 +371,27 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         the peak, a refusal must cost less than the saga it keeps out, or refusing
         eats the capacity that admitted sagas need. A follower admits everything
         here: it forwards, and the leader decides."""
+        if self._node.is_leader():
+            self._refuse_when_full(self._admitting)
+
+    @contextlib.contextmanager
+    def _admission(self) -> Iterator[None]:
+        """`admit`, counting this Submit among the sagas in flight until it answers."""
         if not self._node.is_leader():
+            yield
             return
-        in_flight, limit = self._node.sagas_in_flight(), self._node.saga_limit()
+        with self._admitting_lock:
+            self._refuse_when_full(self._admitting)
+            self._admitting += 1
+        try:
+            yield
+        finally:
+            with self._admitting_lock:
+                self._admitting -= 1
+
+    def _refuse_when_full(self, admitting: int) -> None:
+        in_flight = self._node.sagas_in_flight() + admitting
+        limit = self._node.saga_limit()
         if in_flight >= limit:
             raise Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -384,7 +408,10 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
 
     def submit(self, request: sagas_pb2.SubmitRequest, call: Call) -> sagas_pb2.SubmitReply:
         """Submit's whole answer (Run's first half); blocking; raises Refusal."""
-        self.admit()
+        with self._admission():
+            return self._submit(request, call)
+
+    def _submit(self, request: sagas_pb2.SubmitRequest, call: Call) -> sagas_pb2.SubmitReply:
         request = self._checked(request)
         saga_id = request.saga_id
         forwarded = self._forward("Submit", request, call)
@@ -413,9 +440,14 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             )
         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, result.reason)
 
-    @_answers
-    def Submit(self, request: Any, call: Call) -> sagas_pb2.SubmitReply:
-        return self.submit(request, call)
+    async def Submit(self, request: Any, context: Any) -> sagas_pb2.SubmitReply:
+        try:
+            self.admit()  # on the event loop: a refusal costs no thread hop
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, self.submit, request, Call.of(context))
+        except Refusal as refusal:
+            await context.abort(refusal.code, refusal.message)
+            raise
 
     @_answers
     def Abort(self, request: Any, call: Call) -> sagas_pb2.AbortReply:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from types import SimpleNamespace
 
 import grpc
 import pytest
-from saga.v1 import sagas_pb2
+from saga.v1 import log_pb2, sagas_pb2
 from test_driver_lease import FakeRaft
 
-from cluster.sagas_service import MAX_COORDINATOR_LAG_S, SagasService
+from cluster.sagas_service import MAX_COORDINATOR_LAG_S, Call, Refusal, SagasService
 from coordinator import admission
 from coordinator.admission import AdmissionLimit
 from coordinator.driver import Driver
+from sagalog import codec
 from sagalog import records as rec
 
 
@@ -38,7 +41,7 @@ class _Context:
         self.code: grpc.StatusCode | None = None
         self.details = ""
 
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.code, self.details = code, details
         raise _Aborted
 
@@ -82,7 +85,7 @@ def test_submit_is_resource_exhausted_only_while_the_coordinator_lags(lag_s: flo
     context = _Context()
     request = sagas_pb2.SubmitRequest(definition=rec.chain_definition("a"), saga_id="s1")
     with pytest.raises(_Aborted):
-        service.Submit(request, context)
+        asyncio.run(service.Submit(request, context))
     if lag_s > MAX_COORDINATOR_LAG_S:
         assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "behind" in context.details
@@ -95,9 +98,54 @@ def test_submit_is_resource_exhausted_at_the_saga_limit() -> None:
     context = _Context()
     request = sagas_pb2.SubmitRequest(definition=rec.chain_definition("a"), saga_id="s1")
     with pytest.raises(_Aborted):
-        service.Submit(request, context)
+        asyncio.run(service.Submit(request, context))
     assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "limit is 100" in context.details
+
+
+class _BlockingProposer:
+    """Holds every proposal until released, then answers ACCEPTED."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def propose(self, batch: bytes, timeout_s: float) -> log_pb2.BatchResult:
+        self.entered.release()
+        self.release.wait(10)
+        records, _ = codec.decode_batch(batch)
+        return log_pb2.BatchResult(
+            results=[log_pb2.RecordResult(verdict=log_pb2.ACCEPTED) for _ in records]
+        )
+
+
+def test_submits_not_answered_yet_count_toward_the_limit() -> None:
+    """A burst let through between two applies must not overshoot the limit: the
+    coordinator counts a saga only once its StartSaga applied."""
+    node = _Node(0.0, in_flight=98)  # the limit is 100
+    node.proposer = _BlockingProposer()  # type: ignore[assignment]
+    service = SagasService(node)  # type: ignore[arg-type]
+    call = Call(forwarded=False, time_remaining_s=None)
+    definition = rec.chain_definition("a")
+    held = [
+        threading.Thread(
+            target=service.submit,
+            args=(sagas_pb2.SubmitRequest(definition=definition, saga_id=f"s{i}"), call),
+        )
+        for i in range(2)
+    ]
+    for t in held:
+        t.start()
+    for _ in held:
+        assert node.proposer.entered.acquire(timeout=10)
+    with pytest.raises(Refusal) as refused:  # 98 in flight + 2 admitted = the limit
+        service.submit(sagas_pb2.SubmitRequest(definition=definition, saga_id="s3"), call)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    node.proposer.release.set()
+    for t in held:
+        t.join(10)
+    reply = service.submit(sagas_pb2.SubmitRequest(definition=definition, saga_id="s4"), call)
+    assert reply.created  # answered Submits no longer count
 
 
 # ---- AdmissionLimit ---------------------------------------------------------------------
