@@ -329,6 +329,7 @@ class Node:
                     lease_s=self.config.timing.leader_fallback_ms * 2 / 3000,
                     in_office=self.in_office,
                     participant_credentials=self._participant_credentials,
+                    call_loop=self._loop,  # participant calls share the server's loop
                 )
                 self.driver = driver
                 driver.start()

@@ -1,12 +1,13 @@
 """The coordinator's driver: the IO around `coordinator.core`, on the leader only.
 
 One thread, one event queue, no thread per saga. Events are: records applied by
-the Saga Log (the listener hook), participant replies (gRPC futures), proposal
-outcomes (pysyncobj callbacks), and timers (retry backoff). Each loop turn folds
-the events into per-saga views, asks the core what to do, sends every record
-decided in that turn as one Raft entry (group commit without a fixed wait: under
-load a turn collects many sagas' records), and starts the participant calls the
-log says must be outstanding.
+the Saga Log (the listener hook), participant replies (from `coordinator.calls`,
+on an event loop), proposal outcomes (pysyncobj callbacks), and timers (retry
+backoff). Each loop turn folds the events into per-saga views, asks the core what
+to do, sends every record decided in that turn as one Raft entry (group commit
+without a fixed wait: under load a turn collects many sagas' records; what follows
+a proposed record, such as the StartT an EndT unblocks, joins it), and starts the
+participant calls the applied log says must be outstanding.
 
 The driver acts on applied records, not on proposal callbacks: a lost callback
 only clears a "pending" mark after its deadline, and the next plan proposes the
@@ -17,6 +18,7 @@ when told (leadership lost) and ignores whatever arrives afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import os
@@ -30,10 +32,11 @@ from typing import Any
 
 import grpc
 from pysyncobj import FAIL_REASON
-from saga.v1 import log_pb2, participant_pb2_grpc
+from saga.v1 import log_pb2
 
 from coordinator import core
 from coordinator.admission import AdmissionLimit
+from coordinator.calls import ParticipantCalls
 from coordinator.view import SagaView
 from sagalog import codec
 from sagalog.transitions import Phase
@@ -56,16 +59,7 @@ MAX_ADVANCE_PER_TURN = 1_000
 # Sagas read from the store per turn when a new leader picks up the in-flight ones:
 # loading 100,000 at once starved the Raft thread and cost the leadership.
 MAX_LOADS_PER_TURN = 500
-STEP_REQUEST_MAX_BYTES = (
-    codec.MAX_PAYLOAD_BYTES + codec.MAX_VERTICES * codec.MAX_OUTPUT_BYTES + (1 << 20)
-)
 TURN_WAIT_S = 0.05  # longest idle wait for an event
-
-
-def unreachable(vertex: str, code: str) -> str:
-    """What the log (and so a client's Get) says of a transport failure: which vertex,
-    and gRPC's code; never the transport's text."""
-    return f"{code}: participant {vertex!r} could not be reached"
 
 
 @dataclass
@@ -105,9 +99,10 @@ class Driver:
         lease_s: float = 0.2,
         in_office: Callable[[], bool] | None = None,
         participant_credentials: grpc.ChannelCredentials | None = None,  # None: plaintext
+        call_loop: asyncio.AbstractEventLoop | None = None,  # see coordinator.calls
     ) -> None:
         self._raft = raft
-        self._participant_credentials = participant_credentials
+        self._participants = ParticipantCalls(call_loop, participant_credentials)
         self._lease_s = lease_s  # see _leading
         self._in_office = in_office
         self.epoch = epoch
@@ -135,7 +130,6 @@ class Driver:
         self._calls_to: Counter[str] = Counter()  # calls in flight by endpoint
         # Sagas waiting for a call slot of one endpoint, woken by its replies.
         self._blocked_on: dict[str, OrderedDict[str, None]] = {}
-        self._channels: dict[str, grpc.Channel] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"driver-{epoch}", daemon=True)
         self._next_sweep = 0.0
@@ -167,8 +161,7 @@ class Driver:
         self._post(("wake",))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
-        for channel in self._channels.values():
-            channel.close()
+        self._participants.close()
         log.info("driver of epoch %d stopped", self.epoch)
 
     @property
@@ -498,24 +491,6 @@ class Driver:
 
         self._raft.apply_batch(codec.encode_batch([]), callback=done)
 
-    def _channel(self, endpoint: str) -> grpc.Channel:
-        channel = self._channels.get(endpoint)
-        if channel is None:
-            options = [
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-                # A request carries the payload and every completed vertex's output.
-                ("grpc.max_send_message_length", STEP_REQUEST_MAX_BYTES),
-            ]
-            credentials = self._participant_credentials
-            channel = (
-                grpc.secure_channel(endpoint, credentials, options=options)
-                if credentials is not None
-                else grpc.insecure_channel(endpoint, options=options)
-            )
-            self._channels[endpoint] = channel
-        return channel
-
     def _call(self, run: _Run, call: core.Call) -> None:
         if self._calls_in_flight >= MAX_CALLS_IN_FLIGHT or not self._leading():
             self._blocked[run.view.saga_id] = None
@@ -528,8 +503,6 @@ class Driver:
             self._blocked_on.setdefault(endpoint, OrderedDict())[view.saga_id] = None
             return
         request = core.step_request(view, call, self.epoch)
-        stub = participant_pb2_grpc.ParticipantStub(self._channel(vertex.endpoint))
-        method = stub.Compensate if call.compensation else stub.Execute
         request.sent_unix_ms = self._now_ms()  # lets a checker tell sent-late from delivered-late
         if time.monotonic() - self._last_seen > self._lease_s:
             # Paused between `_leading` and here: the stamp above may postdate a newer
@@ -541,26 +514,10 @@ class Driver:
         self._calls_to[endpoint] += 1
         self.stats["calls"] += 1
         saga_id = view.saga_id
-        try:
-            future = method.future(request, timeout=core.timeout_ms(vertex) / 1000)
-        except Exception as exc:  # e.g. an endpoint gRPC cannot parse
-            log.info("saga %s: cannot call %s: %s", saga_id, call.vertex, exc)
-            reply = core.Reply(None, error=unreachable(call.vertex, "ERROR"))
+
+        def answer(reply: core.Reply) -> None:
             self._post(("reply", saga_id, call, reply, endpoint))
-            return
 
-        def done(f: Any) -> None:
-            try:
-                reply = f.result()
-                answer = core.Reply(bool(reply.ok), reply.output, reply.error)
-            except grpc.RpcError as exc:
-                # The transport's own text stays in this node's log: it can name
-                # hosts and addresses inside the cluster's network.
-                log.info("saga %s: %s unreachable: %s", saga_id, call.vertex, exc.details())
-                answer = core.Reply(None, error=unreachable(call.vertex, exc.code().name))
-            except Exception as exc:
-                log.info("saga %s: %s: %s", saga_id, call.vertex, exc)
-                answer = core.Reply(None, error=unreachable(call.vertex, "ERROR"))
-            self._post(("reply", saga_id, call, answer, endpoint))
-
-        future.add_done_callback(done)
+        self._participants.send(
+            endpoint, request, call.compensation, core.timeout_ms(vertex) / 1000, answer
+        )

@@ -95,5 +95,4 @@ def test_an_endpoint_that_never_answers_holds_only_its_share_of_the_call_slots(
     driver._reply("s0", core.Call("v0", False, 1), core.Reply(None, error="x"), "127.0.0.1:9")
     assert list(driver._dirty) == ["s3"]
     assert list(driver._blocked_on["127.0.0.1:9"]) == ["s4"]
-    for channel in driver._channels.values():
-        channel.close()
+    driver._participants.close()
