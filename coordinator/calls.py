@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -76,9 +76,8 @@ class ParticipantCalls:
     ) -> None:
         """Start the call (from any thread); `answer` gets the participant's reply or
         the transport failure, on the loop's thread."""
-        self._loop.call_soon_threadsafe(
-            self._start, endpoint, request, compensation, timeout_s, answer
-        )
+        call = self._call(endpoint, request, compensation, timeout_s, answer)
+        self._loop.call_soon_threadsafe(self._start, call)
 
     def close(self) -> None:
         """Close every channel (outstanding calls end CANCELLED); from any thread."""
@@ -99,10 +98,11 @@ class ParticipantCalls:
 
     # ---- on the loop -----------------------------------------------------------------
 
-    def _start(self, *args: Any) -> None:
+    def _start(self, call: Coroutine[Any, Any, None]) -> None:
         if self._closed:
+            call.close()  # never started: nothing to await
             return
-        task = self._loop.create_task(self._call(*args))
+        task = self._loop.create_task(call)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -120,13 +120,11 @@ class ParticipantCalls:
             method = stub.Compensate if compensation else stub.Execute
             reply = await method(request, timeout=timeout_s)
             result = core.Reply(bool(reply.ok), reply.output, reply.error)
-        except grpc.RpcError as exc:
+        except grpc.aio.AioRpcError as exc:
             # The transport's own text stays in this node's log: it can name hosts
             # and addresses inside the cluster's network.
-            code = exc.code().name if callable(getattr(exc, "code", None)) else "ERROR"
-            details = exc.details() if callable(getattr(exc, "details", None)) else exc
-            log.info("saga %s: %s unreachable: %s", request.saga_id, vertex, details)
-            result = core.Reply(None, error=unreachable(vertex, code))
+            log.info("saga %s: %s unreachable: %s", request.saga_id, vertex, exc.details())
+            result = core.Reply(None, error=unreachable(vertex, exc.code().name))
         except Exception as exc:  # e.g. an endpoint gRPC cannot parse
             log.info("saga %s: cannot call %s: %s", request.saga_id, vertex, exc)
             result = core.Reply(None, error=unreachable(vertex, "ERROR"))

@@ -50,6 +50,13 @@ class Harness:
             assert all(r.verdict == log_pb2.ACCEPTED for r in result.results), result
         return response
 
+    def decide(self, call: core.Call, reply: core.Reply) -> tuple[core.Response, core.Plan]:
+        """What the driver proposes for a reply, not committed: the reply's records
+        and what follows them in the same entry."""
+        view = self.view()
+        response = core.on_reply(view, call, reply, EPOCH, 0)
+        return response, core.plan_ahead(view, response.records, EPOCH, 0)
+
     def kinds(self) -> list[str]:
         return [r.WhichOneof("body") for r in self.log.records("s")]
 
@@ -262,21 +269,13 @@ def test_the_travel_saga_needs_three_entries_on_its_critical_path() -> None:
         assert core.plan_ahead(h.view(), [], EPOCH, 0).records == []
         assert len(response.records) == 1
     # Entry 2: the last EndT Payment waits for, with Payment's StartT.
-    view = h.view()
-    end_flight = core.on_reply(
-        view, core.Call("Flight", False, 1), core.Reply(True, b"F"), EPOCH, 0
-    )
-    following = core.plan_ahead(view, end_flight.records, EPOCH, 0)
+    end_flight, following = h.decide(core.Call("Flight", False, 1), core.Reply(True, b"F"))
     assert body_names(following.records) == [("start_t", "Payment")]
     assert calls(following) == set()  # Payment's StartT is not committed yet
     commit_all(h, end_flight.records + following.records)
     assert calls(core.plan_ahead(h.view(), [], EPOCH, 0)) == {("Payment", False, 1)}
     # Entry 3: Payment's EndT with EndSaga.
-    view = h.view()
-    end_payment = core.on_reply(
-        view, core.Call("Payment", False, 1), core.Reply(True, b"P"), EPOCH, 0
-    )
-    closing = core.plan_ahead(view, end_payment.records, EPOCH, 0)
+    end_payment, closing = h.decide(core.Call("Payment", False, 1), core.Reply(True, b"P"))
     assert body_names(closing.records) == [("end_saga", "")]
     commit_all(h, end_payment.records + closing.records)
     assert h.view().outcome == log_pb2.OUTCOME_COMPLETED
@@ -287,11 +286,7 @@ def test_a_refusal_starts_its_compensations_in_its_entry_and_the_last_end_c_ends
     h.plan()
     h.reply(core.Call("Hotel", False, 1), core.Reply(True, b"H"))
     h.reply(core.Call("Flight", False, 1), core.Reply(True, b"F"))
-    view = h.view()
-    refused = core.on_reply(
-        view, core.Call("Car", False, 1), core.Reply(False, error="no cars"), EPOCH, 0
-    )
-    following = core.plan_ahead(view, refused.records, EPOCH, 0)
+    refused, following = h.decide(core.Call("Car", False, 1), core.Reply(False, error="no cars"))
     # Every started vertex (Car's request may have taken effect) is compensated.
     assert sorted(body_names(following.records)) == [
         ("start_c", "Car"),
@@ -302,9 +297,7 @@ def test_a_refusal_starts_its_compensations_in_its_entry_and_the_last_end_c_ends
     commit_all(h, refused.records + following.records)
     for v in ("Hotel", "Car"):
         h.reply(core.Call(v, True, 1), core.Reply(True))
-    view = h.view()
-    last = core.on_reply(view, core.Call("Flight", True, 1), core.Reply(True), EPOCH, 0)
-    closing = core.plan_ahead(view, last.records, EPOCH, 0)
+    last, closing = h.decide(core.Call("Flight", True, 1), core.Reply(True))
     assert body_names(closing.records) == [("end_saga", "")]
     commit_all(h, last.records + closing.records)
     assert h.view().outcome == log_pb2.OUTCOME_ABORTED
