@@ -6,8 +6,8 @@ rate by this counter's rate, so everything around Raft must be the same as in a
 the records to RocksDB) must be missing:
 
 * the same journal: `sagalog.journal.DurableJournal`, installed through
-  `sagalog.raft._durable_journal`, fsynced before any Raft message leaves through
-  `sagalog.raft._SyncingTransport`;
+  `sagalog.raft._durable_journal`, fsynced as `sagalog.raft._SyncingTransport`
+  does it (an answer after the fsync, the leader's fsync beside replication);
 * the same `SyncObjConf`: `sagalog.raft.raft_conf`, the builder `SagaLogRaft`
   uses, without the snapshot hooks (pysyncobj's own pickle; no compaction runs
   during a bench: it starts at 50,000 journal entries or after 24 hours);

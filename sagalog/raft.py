@@ -7,9 +7,12 @@ What this module adds to pysyncobj, and why:
   evolves in proto/ instead.
 * **A durable journal** (`sagalog.journal.DurableJournal`) instead of pysyncobj's
   mmap journal, which never fsyncs. Entries are written on append and fsynced
-  before this node sends *any* Raft message (`_SyncingTransport`): a follower's
-  acknowledgement, a leader's AppendEntries and a vote all leave only after the
-  entries behind them are on disk. Term and vote are fsynced when they change.
+  before this node sends any Raft message that vouches for them
+  (`_SyncingTransport`): a follower's acknowledgement and a vote leave only after
+  the entries behind them are on disk. Term and vote are fsynced when they change.
+  The leader's own fsync runs beside replication (Raft thesis 10.2.1): its
+  AppendEntries leave at once, and it fsyncs before the Raft loop reads any answer,
+  so it counts itself toward a majority only for entries already on its disk.
 * **Snapshots without fork or pickled handles, off the Raft thread**: a RocksDB
   checkpoint taken on the Raft thread is tarred on a thread of its own
   (`sagalog.snapshot`); the deserializer restores it only when the live store is
@@ -135,7 +138,18 @@ AUTH_TIMEOUT_S = 3.0
 
 
 class _SyncingTransport(TCPTransport):
-    """TCP transport that makes the journal durable before any message leaves.
+    """TCP transport that makes the journal durable before any message that
+    vouches for its entries leaves, and by the end of every tick.
+
+    A leader's AppendEntries are the exception: they go before the leader's own
+    fsync, which then overlaps the network round trip and the followers' fsyncs
+    (Raft thesis 10.2.1) instead of coming before them, and covers every entry
+    proposed in the tick at once. The transport's tick is the last thing the Raft
+    loop does before it polls its sockets (pysyncobj runs the tick callbacks just
+    before `poll`), and a leader learns of acknowledgements only inside that poll:
+    so the leader's fsync is done before it counts any answer, and its commit
+    index, computed at the start of the next tick, never covers an entry that is
+    not on its own disk. Answers, votes and everything else still fsync first.
 
     It keeps every link busy: pysyncobj checks a connection's read timeout when it
     next sends on it, so the first message on an idle link (followers never talk
@@ -157,8 +171,9 @@ class _SyncingTransport(TCPTransport):
         self._echo_round: dict[Any, int] = {}  # peer -> round of its last AppendEntries
 
     def send(self, node: Any, message: Any) -> bool:
-        self._syncObj._journal.sync()
         kind = message.get("type")
+        if kind != "append_entries":  # those are synced at the end of the tick
+            self._syncObj._journal.sync()
         reads = getattr(self._syncObj, "_reads", None)  # SagaLogRaft's (not the bench's)
         if kind == "append_entries" and reads is not None:
             message[READ_ROUND] = reads.sent
@@ -227,8 +242,9 @@ class _SyncingTransport(TCPTransport):
                 self.send(peer, _KEEPALIVE)
         if self._faults is not None:
             for node, message in self._faults.due():
-                self._syncObj._journal.sync()
                 super().send(node, message)
+        # Last before the poll that reads answers: see the class docstring.
+        self._syncObj._journal.sync()
 
 
 def _read_capped(conn: Any, read: Callable[[], bool]) -> bool:

@@ -182,3 +182,82 @@ def test_a_journal_past_its_byte_bound_is_snapshotted_and_compacted(tmp_path, mo
         assert raft.saga_log.applied_index() == raft.raftLastApplied
     finally:
         raft.close()
+
+
+def test_the_leader_fsyncs_beside_replication_and_counts_itself_only_once_durable(
+    tmp_path, monkeypatch
+) -> None:
+    """Raft thesis 10.2.1: the leader's AppendEntries leave before its own fsync,
+    which is done before it reads any answer (so before it may count itself toward
+    a commit); a follower still answers only after its own fsync."""
+    from pysyncobj.transport import TCPTransport
+
+    events: list[tuple] = []  # (what, node, ...) in the order they happened
+    tcp_send = TCPTransport.send
+
+    def recording_send(transport, node, message):
+        entries = [e[1] for e in message.get("entries") or []]
+        events.append(("send", transport._selfNode.address, message.get("type"), entries, message))
+        return tcp_send(transport, node, message)
+
+    monkeypatch.setattr(TCPTransport, "send", recording_send)
+    ports = free_ports(3)
+    addrs = [f"127.0.0.1:{port}" for port in ports]
+    nodes = []
+    for n, addr in enumerate(addrs):
+        raft = SagaLogRaft(
+            addr, [a for a in addrs if a != addr], str(tmp_path / f"n{n}"), RaftTiming(),
+            auto_tick=False,
+        )
+        journal, poller = raft._journal, raft._poller
+        fsync, poll, commit = journal._fsync_and_record, poller.poll, journal.setRaftCommitIndex
+        journal._fsync_and_record = lambda j=journal, a=addr, f=fsync: (
+            events.append(("fsync", a, j[-1][1])),
+            f(),
+        )[-1]
+        poller.poll = lambda t, a=addr, p=poll: (events.append(("poll", a)), p(t))[-1]
+        journal.setRaftCommitIndex = lambda i, a=addr, c=commit: (
+            events.append(("commit", a, i)),
+            c(i),
+        )[-1]
+        nodes.append(raft)
+    try:
+        deadline = time.monotonic() + 20
+
+        def tick_until(done) -> None:
+            while not done():
+                assert time.monotonic() < deadline, "the in-process cluster did not get there"
+                for raft in nodes:
+                    raft.doTick(0.002)
+
+        tick_until(lambda: any(r._isLeader() for r in nodes))
+        leader = next(r for r in nodes if r._isLeader())
+        tick_until(lambda: leader.raftCommitIndex == leader._journal[-1][1])
+        index = leader._journal[-1][1] + 1
+        done: list[bytes] = []
+        start = len(events)
+        leader.apply_batch(b"\x00" * 64, callback=lambda result, _err: done.append(result))
+        tick_until(lambda: done and all(r.raftLastApplied >= index for r in nodes))
+    finally:
+        for raft in nodes:
+            raft.close()
+
+    seen = events[start:]
+    me = leader._SyncObj__selfNode.address
+
+    def first(match) -> int:
+        return next(i for i, e in enumerate(seen) if match(e))
+
+    sent = first(lambda e: e[:3] == ("send", me, "append_entries") and index in e[3])
+    synced = first(lambda e: e[:2] == ("fsync", me) and e[2] >= index)
+    assert sent < synced, "the leader's AppendEntries waited for its own fsync"
+    assert not any(e == ("poll", me) for e in seen[sent:synced]), (
+        "the leader read answers before its fsync was done"
+    )
+    assert synced < first(lambda e: e[:2] == ("commit", me) and e[2] >= index)
+    for follower in (a for a in addrs if a != me):
+        answered = first(
+            lambda e, f=follower: e[:3] == ("send", f, "next_node_idx")
+            and e[4]["next_node_idx"] > index
+        )
+        assert first(lambda e, f=follower: e[:2] == ("fsync", f) and e[2] >= index) < answered
