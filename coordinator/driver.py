@@ -133,6 +133,9 @@ class Driver:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"driver-{epoch}", daemon=True)
         self._next_sweep = 0.0
+        # (since when, how many): the in-flight sagas this term picks up, logged once
+        # all are loaded and re-planned (what a failover costs after the election).
+        self._resuming: tuple[float, int] | None = None
         # Testing aid: SAGA_CRASH_POINT=before_request|before_end_t|mid_compensation
         # makes this process die (as by SIGKILL) the first time it reaches that point.
         self._crash_point = os.environ.get("SAGA_CRASH_POINT", "")
@@ -198,7 +201,9 @@ class Driver:
 
     def _loop(self) -> None:
         try:
+            started = time.monotonic()
             self._sweep()
+            self._resuming = (started, len(self._to_load))
             while not self._stop.is_set():
                 self._turn()
         except Exception:
@@ -236,6 +241,10 @@ class Driver:
         for saga_id in _take(self._to_load, MAX_LOADS_PER_TURN):
             if saga_id not in self._runs:
                 self._load(saga_id)
+                # 500 loads took 250 ms here: longer than the lease, so without a
+                # reading of the clock between them the turn looked like a pause
+                # and every call waited for a confirmation commit (see _leading).
+                self._read_clock()
         now_ms = self._now_ms()
         self._backlog = bool(self._to_load) or len(self._dirty) > MAX_ADVANCE_PER_TURN
         for saga_id in _take(self._dirty, MAX_ADVANCE_PER_TURN):
@@ -243,6 +252,16 @@ class Driver:
             if run is not None:
                 self._advance(saga_id, run, now_ms)
         self._flush()
+        if self._resuming is not None and not self._to_load and not self._backlog:
+            since, count = self._resuming
+            self._resuming = None
+            log.info(
+                "epoch %d picked up %d in-flight sagas in %.0f ms (%d calls started)",
+                self.epoch,
+                count,
+                (time.monotonic() - since) * 1000,
+                self.stats["calls"],
+            )
 
     def _handle(self, event: tuple) -> None:
         kind = event[0]
@@ -462,11 +481,7 @@ class Driver:
         look fresh. So a gap in this thread's own clock readings longer than the
         lease withdraws the permission until a commit (an empty entry) proves that
         no newer leader exists."""
-        now = time.monotonic()
-        if now - self._last_seen > self._lease_s:
-            self._confirmed = False
-            self._pauses += 1
-        self._last_seen = now
+        self._read_clock()
         if not self._confirmed:
             self._confirm()
             return False
@@ -474,6 +489,15 @@ class Driver:
             return False
         check = getattr(self._raft, "majority_heard_within", None)
         return check is None or bool(check(self._lease_s))
+
+    def _read_clock(self) -> None:
+        """Note a reading of this thread's clock: a gap since the last one longer
+        than the lease is a pause, and withdraws the permission to act."""
+        now = time.monotonic()
+        if now - self._last_seen > self._lease_s:
+            self._confirmed = False
+            self._pauses += 1
+        self._last_seen = now
 
     def _confirm(self) -> None:
         """Commit an empty entry; its callback restores the permission to act. A

@@ -96,3 +96,40 @@ def test_an_endpoint_that_never_answers_holds_only_its_share_of_the_call_slots(
     assert list(driver._dirty) == ["s3"]
     assert list(driver._blocked_on["127.0.0.1:9"]) == ["s4"]
     driver._participants.close()
+
+
+def test_a_long_pick_up_of_in_flight_sagas_is_not_taken_for_a_pause() -> None:
+    """A new leader loading many sagas in one turn reads its clock between them: a
+    turn longer than the lease is work, not a pause, and must not hold every call
+    back until a confirmation commits (it did after each failover with 1,000 sagas)."""
+    from contextlib import contextmanager
+
+    from sagalog import records as rec
+
+    definition = rec.chain_definition("v0", endpoint="127.0.0.1:9")  # discards everything
+    ids = [f"s{i}" for i in range(8)]
+
+    class SlowLog:
+        def in_flight(self):
+            return iter(ids)
+
+        def records(self, saga_id: str):
+            time.sleep(0.03)  # 8 x 30 ms: longer than the 100 ms lease in all
+            return [rec.start_saga(saga_id, 1, definition, b""), rec.start_t(saga_id, 1, "v0", 1)]
+
+    class LoadingRaft(FakeRaft):
+        @contextmanager
+        def reading(self):
+            yield SlowLog()
+
+    raft = LoadingRaft()
+    driver = Driver(raft, epoch=1, node_id="n1", lease_s=0.1)
+    try:
+        started = time.monotonic()
+        driver._sweep()
+        driver._turn()
+        assert time.monotonic() - started > 0.1
+        assert driver.stats["calls"] == len(ids)
+        assert raft.callbacks == []  # no confirmation commit was asked for
+    finally:
+        driver._participants.close()
