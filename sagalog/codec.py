@@ -41,6 +41,18 @@ _KIND_OF_BODY = {
     "stuck": Kind.STUCK,
     "end_saga": Kind.END_SAGA,
 }
+# Per saga body, which of the bounded text fields and `attempt` its message has
+# (read from the schema once: getattr with a default raises and catches inside,
+# and to_event runs for every record on every replica).
+_FIELDS_OF_BODY = {
+    body: frozenset(log_pb2.Record.DESCRIPTOR.fields_by_name[body].message_type.fields_by_name)
+    for body in _KIND_OF_BODY
+}
+_TEXT_FIELDS = {
+    body: tuple(f for f in ("error", "resolved_by") if f in fields)
+    for body, fields in _FIELDS_OF_BODY.items()
+}
+_HAS_ATTEMPT = frozenset(body for body, fields in _FIELDS_OF_BODY.items() if "attempt" in fields)
 CLUSTER_BODIES = frozenset({"epoch_start", "member", "forget_member", "purge_ended", "log_format"})
 
 OUTCOMES = {log_pb2.OUTCOME_COMPLETED: Outcome.COMPLETED, log_pb2.OUTCOME_ABORTED: Outcome.ABORTED}
@@ -137,7 +149,7 @@ def to_event(record: log_pb2.Record) -> Decoded:
         return Decoded(Event(kind, outcome=outcome, content=content))
     if not msg.vertex:
         return Decoded(None, f"{kind.value}: the vertex name is empty")
-    attempt = getattr(msg, "attempt", 0)
+    attempt = msg.attempt if body in _HAS_ATTEMPT else 0
     if kind in (Kind.START_T, Kind.START_C) and attempt < 1:
         return Decoded(None, f"{kind.value}({msg.vertex}): attempt must be >= 1")
     if kind is Kind.END_T and len(msg.output) > MAX_OUTPUT_BYTES:
@@ -146,8 +158,8 @@ def to_event(record: log_pb2.Record) -> Decoded:
             f"EndT({msg.vertex}): the output is {len(msg.output)} bytes; "
             f"the limit is {MAX_OUTPUT_BYTES}",
         )
-    for text_field in ("error", "resolved_by"):
-        if len(getattr(msg, text_field, "")) > MAX_TEXT_LEN:
+    for text_field in _TEXT_FIELDS[body]:
+        if len(getattr(msg, text_field)) > MAX_TEXT_LEN:
             return Decoded(None, f"{kind.value}({msg.vertex}): {text_field} exceeds {MAX_TEXT_LEN}")
     return Decoded(Event(kind, vertex=msg.vertex, attempt=attempt, content=content))
 

@@ -44,7 +44,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 
-class Kind(enum.Enum):
+class _Member(enum.Enum):
+    """An enum hashed by identity: enum.Enum hashes a member by its name in Python
+    code, and every rule below looks members up in tables keyed by pairs, for every
+    record on every replica. Members are singletons compared by identity already,
+    and a str hash differs between processes anyway (nothing may depend on it)."""
+
+    __hash__ = object.__hash__
+
+
+class Kind(_Member):
     START_SAGA = "StartSaga"
     START_T = "StartT"
     END_T = "EndT"
@@ -56,28 +65,28 @@ class Kind(enum.Enum):
     END_SAGA = "EndSaga"
 
 
-class Phase(enum.Enum):
+class Phase(_Member):
     NEW = "NEW"
     RUNNING = "RUNNING"
     ABORTING = "ABORTING"
     ENDED = "ENDED"
 
 
-class Req(enum.Enum):
+class Req(_Member):
     PENDING = "PENDING"
     STARTED = "STARTED"
     DONE = "DONE"
     FAILED = "FAILED"
 
 
-class Comp(enum.Enum):
+class Comp(_Member):
     NONE = "NONE"
     STARTED = "STARTED"
     STUCK = "STUCK"
     DONE = "DONE"
 
 
-class Outcome(enum.Enum):
+class Outcome(_Member):
     COMPLETED = "COMPLETED"
     ABORTED = "ABORTED"
 
