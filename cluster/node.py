@@ -32,6 +32,7 @@ from cluster.sagas_service import MAX_PUSH_STREAMS, SagasService
 from cluster.service import ClusterService, raft_role
 from coordinator.admission import MAX_LIMIT
 from coordinator.driver import Driver
+from coordinator.standby import Standby
 from sagalog import codec
 from sagalog import records as rec
 from sagalog.journal import JournalCorrupt
@@ -153,6 +154,10 @@ class Node:
         self.epoch_term = -1  # the Raft term in which this node last committed an Epoch
         self.epoch_number = 0  # the epoch it committed then
         self.driver: Driver | None = None
+        # Folds applied records while there is no driver (coordinator.standby);
+        # the listener lock makes a switch between the two atomic with a delivery.
+        self.standby: Standby | None = Standby() if self.config.coordinator else None
+        self._listener_lock = threading.Lock()
         self.retention: Retention | None = None
         self._peer_by_raft_addr = {p.raft_addr: p for p in config.peers}
 
@@ -169,8 +174,7 @@ class Node:
         # The push hooks first, then publish the node's Raft: a Watch can only
         # subscribe once it is published, and then misses no applied record.
         raft.saga_log.listener = self._on_applied
-        if self.feed is not None:
-            raft.on_store_replaced = self.feed.reset
+        raft.on_store_replaced = self._store_replaced
         self.raft = raft
         self.proposer = Proposer(self.raft, self.config.max_in_flight_proposals)
         self.service.attach(self.raft, self.proposer, self.in_office, self.office_term)
@@ -258,9 +262,19 @@ class Node:
         coordinator while there is one."""
         if self.feed is not None:
             self.feed.publish(records)
-        driver = self.driver
-        if driver is not None:
-            driver.on_applied(records)
+        with self._listener_lock:
+            if self.driver is not None:
+                self.driver.on_applied(records)
+            elif self.standby is not None:
+                self.standby.on_applied(records)
+
+    def _store_replaced(self) -> None:
+        """A snapshot replaced the store (Raft thread): readers start again from it."""
+        if self.feed is not None:
+            self.feed.reset()
+        standby = self.standby
+        if standby is not None:
+            standby.reset()
 
     def in_office(self) -> bool:
         """Leader with its own Epoch committed in the current term."""
@@ -284,6 +298,8 @@ class Node:
                 self.retention.stop()
             self._duties.join(timeout=5)
             self._stop_driver()
+            if self.standby is not None:
+                self.standby.stop()
             self.raft.close()
         log.info("node %s stopped", self.config.id)
 
@@ -331,13 +347,19 @@ class Node:
                     participant_credentials=self._participant_credentials,
                     call_loop=self._loop,  # participant calls share the server's loop
                 )
-                self.driver = driver
+                with self._listener_lock:  # records applied from now on reach the driver
+                    self.driver, standby, self.standby = driver, self.standby, None
+                if standby is not None:
+                    driver.adopt(standby.hand_over())
                 driver.start()
         elif driver is not None:
             self._stop_driver()
 
     def _stop_driver(self) -> None:
-        driver, self.driver = self.driver, None  # no more applied records reach it
+        with self._listener_lock:  # no more applied records reach the driver
+            driver, self.driver = self.driver, None
+            if self.standby is None and self.config.coordinator and not self._stopping.is_set():
+                self.standby = Standby()  # knows the sagas that start from now on
         if driver is not None:
             driver.stop()
 

@@ -133,9 +133,9 @@ class Driver:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"driver-{epoch}", daemon=True)
         self._next_sweep = 0.0
-        # (since when, how many): the in-flight sagas this term picks up, logged once
-        # all are loaded and re-planned (what a failover costs after the election).
-        self._resuming: tuple[float, int] | None = None
+        # (since when, adopted, to read): the in-flight sagas this term picks up, logged
+        # once all are loaded and re-planned (what a failover costs after the election).
+        self._resuming: tuple[float, int, int] | None = None
         # Testing aid: SAGA_CRASH_POINT=before_request|before_end_t|mid_compensation
         # makes this process die (as by SIGKILL) the first time it reaches that point.
         self._crash_point = os.environ.get("SAGA_CRASH_POINT", "")
@@ -154,6 +154,15 @@ class Driver:
         self._started_ms = now_ms()
 
     # ---- lifecycle -------------------------------------------------------------------
+
+    def adopt(self, views: dict[str, SagaView]) -> None:
+        """Take in-flight sagas already folded (`coordinator.standby`), so that they
+        need not be read from the store. Before `start` only."""
+        assert not self._thread.is_alive(), "adopt before start"
+        for saga_id, view in views.items():
+            if view.phase in (Phase.RUNNING, Phase.ABORTING):
+                self._runs[saga_id] = _Run(view)
+                self._touch(saga_id)
 
     def start(self) -> None:
         log.info("driver starts in epoch %d", self.epoch)
@@ -203,7 +212,7 @@ class Driver:
         try:
             started = time.monotonic()
             self._sweep()
-            self._resuming = (started, len(self._to_load))
+            self._resuming = (started, len(self._runs), len(self._to_load))
             while not self._stop.is_set():
                 self._turn()
         except Exception:
@@ -253,12 +262,15 @@ class Driver:
                 self._advance(saga_id, run, now_ms)
         self._flush()
         if self._resuming is not None and not self._to_load and not self._backlog:
-            since, count = self._resuming
+            since, warm, loaded = self._resuming
             self._resuming = None
             log.info(
-                "epoch %d picked up %d in-flight sagas in %.0f ms (%d calls started)",
+                "epoch %d picked up %d in-flight sagas (%d from the standby, %d read from "
+                "the store) in %.0f ms; %d calls started",
                 self.epoch,
-                count,
+                warm + loaded,
+                warm,
+                loaded,
                 (time.monotonic() - since) * 1000,
                 self.stats["calls"],
             )

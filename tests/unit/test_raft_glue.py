@@ -206,7 +206,10 @@ def test_the_leader_fsyncs_beside_replication_and_counts_itself_only_once_durabl
     nodes = []
     for n, addr in enumerate(addrs):
         raft = SagaLogRaft(
-            addr, [a for a in addrs if a != addr], str(tmp_path / f"n{n}"), RaftTiming(),
+            addr,
+            [a for a in addrs if a != addr],
+            str(tmp_path / f"n{n}"),
+            RaftTiming(),
             auto_tick=False,
         )
         journal, poller = raft._journal, raft._poller
@@ -257,7 +260,8 @@ def test_the_leader_fsyncs_beside_replication_and_counts_itself_only_once_durabl
     assert synced < first(lambda e: e[:2] == ("commit", me) and e[2] >= index)
     for follower in (a for a in addrs if a != me):
         answered = first(
-            lambda e, f=follower: e[:3] == ("send", f, "next_node_idx")
-            and e[4]["next_node_idx"] > index
+            lambda e, f=follower: (
+                e[:3] == ("send", f, "next_node_idx") and e[4]["next_node_idx"] > index
+            )
         )
         assert first(lambda e, f=follower: e[:2] == ("fsync", f) and e[2] >= index) < answered
