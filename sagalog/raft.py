@@ -81,7 +81,11 @@ class RaftTiming:
     """Raft timers, in milliseconds. pysyncobj's defaults make a commit wait on a
     100 ms timer and let an isolated leader believe in itself for 30 s."""
 
-    tick_ms: int = 5  # the longest the Raft loop sleeps without socket events
+    # The longest the Raft loop sleeps without socket events. Proposals and reads
+    # wake it through pysyncobj's pipe, and answers are socket events, so only the
+    # timers (heartbeat, election, fallback) wait for a tick: 5 ms cost each idle
+    # node 8-9 % of a core here, 25 ms 4-5.5 %.
+    tick_ms: int = 20
     append_period_ms: int = 25  # heartbeat interval
     election_min_ms: int = 400
     election_max_ms: int = 800
