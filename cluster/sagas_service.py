@@ -584,8 +584,10 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             # Subscribe before submitting: an EndSaga applied from now on is pushed.
             sub = self._subscribe(request.saga_id)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self.submit, request, Call.of(context))
-            return await self._until_ended(request.saga_id, sub)
+            ended = await loop.run_in_executor(
+                None, self._submit_for_run, request, Call.of(context)
+            )
+            return ended or await self._until_ended(request.saga_id, sub)
         except Refusal as refusal:
             await context.abort(refusal.code, refusal.message)
             raise
@@ -593,19 +595,28 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             if sub is not None:
                 self._unsubscribe(sub)
 
-    def _ended(self, saga_id: str) -> bool:
+    def _submit_for_run(self, request: Any, call: Call) -> sagas_pb2.SagaInfo | None:
+        """Run's first half in one thread hop: submit, then the saga's info if it has
+        ended already (a resubmitted saga)."""
+        self.submit(request, call)
+        return self._info_if_ended(request.saga_id)
+
+    def _info_if_ended(self, saga_id: str) -> sagas_pb2.SagaInfo | None:
         with self._node.raft.reading() as saga_log:
-            return saga_log.has_ended(saga_id)
+            if not saga_log.has_ended(saga_id):
+                return None
+        return self._info(saga_id)
 
     async def _until_ended(self, saga_id: str, sub: Subscription) -> sagas_pb2.SagaInfo:
         """What Get answers, once this node has applied the saga's EndSaga."""
-        look = True
+        look = False  # the caller looked just after subscribing
         while True:
             if look:
                 # Off the event loop: a snapshot install holds the store lock for long.
                 loop = asyncio.get_running_loop()
-                if await loop.run_in_executor(None, self._ended, saga_id):
-                    return await loop.run_in_executor(None, self._info, saga_id)
+                info = await loop.run_in_executor(None, self._info_if_ended, saga_id)
+                if info is not None:
+                    return info
             await sub.wait(PUSH_RECHECK_S)
             records, fell_behind = sub.take()
             look = fell_behind or not records or any(r.HasField("end_saga") for _, r in records)
