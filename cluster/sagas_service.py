@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2_grpc
@@ -216,6 +216,11 @@ def _records_or_tombstone(
     return records, None if records else saga_log.tombstone(saga_id)
 
 
+class _LeaderStubs(NamedTuple):
+    sagas: sagas_pb2_grpc.SagasStub
+    cluster: cluster_pb2_grpc.ClusterStub
+
+
 class SagasService(sagas_pb2_grpc.SagasServicer):
     def __init__(
         self,
@@ -226,8 +231,9 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         self._node = node
         self._participant_allow = participant_allow
         self._tls = tls
-        # One channel per leader address, never closed while calls may use it.
-        self._channels: dict[str, grpc.Channel] = {}
+        # Stubs on one channel per leader address, never closed while calls may use
+        # it (a stub builds a callable per method: once per leader, not per call).
+        self._leaders: dict[str, _LeaderStubs] = {}
         self._channels_lock = threading.Lock()
         # Submits admitted and not answered yet: their sagas are not in the
         # coordinator's count until StartSaga applies, and a burst let through
@@ -237,7 +243,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
 
     # ---- routing ---------------------------------------------------------------------
 
-    def _leader_channel(self, call: Call) -> grpc.Channel:
+    def _leader(self, call: Call) -> _LeaderStubs:
         leader = self._node.leader_grpc_addr()
         if call.forwarded or not leader:
             raise Refusal(
@@ -245,16 +251,20 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                 f"not the leader; leader: {leader or 'unknown (election in progress)'}",
             )
         with self._channels_lock:
-            channel = self._channels.get(leader)
-            if channel is None:
-                channel = self._channels[leader] = channel_to(leader, self._tls)
-        return channel
+            stubs = self._leaders.get(leader)
+            if stubs is None:
+                channel = channel_to(leader, self._tls)
+                stubs = _LeaderStubs(
+                    sagas_pb2_grpc.SagasStub(channel), cluster_pb2_grpc.ClusterStub(channel)
+                )
+                self._leaders[leader] = stubs
+        return stubs
 
     def _forward(self, method: str, request: Any, call: Call) -> Any | None:
         """On a follower, the leader's answer; None when this node should answer."""
         if self._node.is_leader():
             return None
-        stub = sagas_pb2_grpc.SagasStub(self._leader_channel(call))
+        stub = self._leader(call).sagas
         remaining = call.time_remaining_s
         try:
             return getattr(stub, method)(
@@ -298,7 +308,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                     raise Refusal(grpc.StatusCode.UNAVAILABLE, "the leader is taking office")
                 index = raft.read_index(READ_INDEX_TIMEOUT_S, term)
             else:
-                stub = cluster_pb2_grpc.ClusterStub(self._leader_channel(call))
+                stub = self._leader(call).cluster
                 reply = stub.ReadIndex(
                     cluster_pb2.ReadIndexRequest(),
                     timeout=READ_INDEX_TIMEOUT_S,
