@@ -14,7 +14,7 @@ from test_log import record_strategy
 from sagalog import codec
 from sagalog import records as rec
 from sagalog.kv import MemoryKV
-from sagalog.log import SagaLog
+from sagalog.log import LogFormatTooNew, SagaLog
 
 cluster_records = st.one_of(
     st.builds(lambda n, node: rec.epoch(n, node), st.integers(0, 2**64 - 1), st.text(max_size=80)),
@@ -50,11 +50,18 @@ entries = st.one_of(
 )
 
 
-def _apply_all(batches: list[bytes]) -> tuple[SagaLog, list[bytes]]:
+def _apply_all(batches: list[bytes]) -> tuple[SagaLog, list[bytes | str]]:
     log = SagaLog(MemoryKV())
-    results = []
+    results: list[bytes | str] = []
     for index, batch in enumerate(batches, start=1):
-        raw = log.apply_batch(batch, index)  # must not raise, whatever the bytes
+        try:
+            raw = log.apply_batch(batch, index)  # must not raise, whatever the bytes...
+        except LogFormatTooNew:
+            # ...but a LogFormat above this code's: every replica stops the node at
+            # the same entry (fail-stop, "upgrade it"), having written nothing of it.
+            assert log.applied_index() == index - 1
+            results.append("format too new")
+            break
         result = log_pb2.BatchResult()
         result.ParseFromString(raw)
         assert result.raft_index == index
@@ -69,4 +76,14 @@ def test_apply_never_raises_and_replicas_stay_identical(batches: list[bytes]) ->
     two, results_two = _apply_all(batches)
     assert results_one == results_two
     assert one.digest() == two.digest()
-    assert one.applied_index() == len(batches)
+    stopped = results_one[-1] == "format too new" if results_one else False
+    assert one.applied_index() == len(results_one) - stopped
+
+
+def test_a_log_format_above_this_code_stops_every_replica_at_the_same_entry() -> None:
+    too_new = codec.encode_batch([log_pb2.Record(log_format=log_pb2.LogFormat(version=99))])
+    ok = codec.encode_batch([rec.epoch(1, "n1")])
+    for _ in range(2):
+        log, results = _apply_all([ok, too_new, ok])
+        assert results[-1] == "format too new" and len(results) == 2
+        assert log.applied_index() == 1
