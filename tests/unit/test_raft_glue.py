@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from cluster.launcher import free_ports
 from sagalog.journal import DurableJournal
-from sagalog.raft import LinkFaults, RaftTiming, SagaLogRaft, align_append_entries
+from sagalog.raft import LinkFaults, RaftTiming, SagaLogRaft, align_append_entries, raft_clock
 
 
 def follower(tmp_path, terms: list[int], commit: int, current_term: int = 9):
@@ -265,3 +265,49 @@ def test_the_leader_fsyncs_beside_replication_and_counts_itself_only_once_durabl
             )
         )
         assert first(lambda e, f=follower: e[:2] == ("fsync", f) and e[2] >= index) < answered
+
+
+def test_a_follower_reads_a_waiting_vote_request_before_its_own_timer_makes_it_campaign(
+    tmp_path,
+) -> None:
+    """Two followers left after the leader died: one campaigns while the other's loop
+    is held up past its own timeout. The late one must vote for the candidate whose
+    request already waits on its socket, not campaign too (a split vote costs the
+    cluster another election timeout)."""
+    ports = free_ports(3)
+    addrs = [f"127.0.0.1:{port}" for port in ports]
+    nodes = [
+        SagaLogRaft(
+            addr,
+            [a for a in addrs if a != addr],
+            str(tmp_path / f"n{n}"),
+            RaftTiming(),
+            auto_tick=False,
+        )
+        for n, addr in enumerate(addrs)
+    ]
+    deadline = time.monotonic() + 20
+
+    def tick(rafts, until) -> None:
+        while not until():
+            assert time.monotonic() < deadline, "the in-process cluster did not get there"
+            for raft in rafts:
+                raft.doTick(0.002)
+
+    try:
+        tick(nodes, lambda: any(r._isLeader() for r in nodes))
+        leader = next(r for r in nodes if r._isLeader())
+        early, late = [r for r in nodes if r is not leader]
+        tick(nodes, lambda: early._getLeader() is not None and late._getLeader() is not None)
+        # The leader stops (no more ticks); only `early` runs until it campaigns.
+        tick([early], lambda: early._SyncObj__raftState == 1)
+        while raft_clock() <= late._SyncObj__raftElectionDeadline + 0.05:
+            time.sleep(0.01)  # `late` is held up past its own timeout meanwhile
+        late.doTick(0)
+        candidate = early._SyncObj__selfNode.id
+        assert late._SyncObj__raftState == 0, "the late follower campaigned too"
+        assert late._SyncObj__votedForNodeId == candidate
+        assert late.raftCurrentTerm == early.raftCurrentTerm
+    finally:
+        for raft in nodes:
+            raft.close()
