@@ -272,9 +272,9 @@ class Node:
         """A snapshot replaced the store (Raft thread): readers start again from it."""
         if self.feed is not None:
             self.feed.reset()
-        standby = self.standby
-        if standby is not None:
-            standby.reset()
+        with self._listener_lock:  # in order with the records, on either side of a switch
+            if self.standby is not None:
+                self.standby.reset()
 
     def in_office(self) -> bool:
         """Leader with its own Epoch committed in the current term."""
@@ -349,9 +349,11 @@ class Node:
                 )
                 with self._listener_lock:  # records applied from now on reach the driver
                     self.driver, standby, self.standby = driver, self.standby, None
-                if standby is not None:
-                    driver.adopt(standby.hand_over())
-                driver.start()
+                try:
+                    if standby is not None:
+                        driver.adopt(standby.hand_over())
+                finally:
+                    driver.start()  # without the views it reads every saga from the store
         elif driver is not None:
             self._stop_driver()
 

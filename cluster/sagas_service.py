@@ -597,7 +597,9 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             ended = await loop.run_in_executor(
                 None, self._submit_for_run, request, Call.of(context)
             )
-            return ended or await self._until_ended(request.saga_id, sub)
+            if ended is not None:
+                return ended
+            return await self._until_ended(request.saga_id, sub)
         except Refusal as refusal:
             await context.abort(refusal.code, refusal.message)
             raise

@@ -345,8 +345,11 @@ class Driver:
         for saga_id in in_flight - self._runs.keys():
             self._to_load[saga_id] = None
         for saga_id, run in list(self._runs.items()):
-            if saga_id not in in_flight and run.view.phase is Phase.ENDED:
-                del self._runs[saga_id]
+            if saga_id not in in_flight:
+                if run.view.phase is Phase.ENDED:
+                    del self._runs[saga_id]
+                else:  # ended in the store, not in this view (a stale adopted one)
+                    self._load(saga_id)
             elif not (run.calls or run.waiting or run.pending):
                 self._touch(saga_id)
 

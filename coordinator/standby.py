@@ -45,6 +45,7 @@ class Standby:
         self._max_sagas = max_sagas
         self._views: dict[str, SagaView] = {}
         self._events: queue.SimpleQueue[Applied | None] = queue.SimpleQueue()
+        self._broken = False
         self._thread = threading.Thread(target=self._loop, name="standby", daemon=True)
         self._thread.start()
 
@@ -67,6 +68,8 @@ class Standby:
         longer reaches this standby."""
         self._events.put(_STOP)
         self._thread.join()
+        if self._broken:
+            return {}
         self._fold_queued()  # whatever arrived after the stop marker
         views, self._views = self._views, {}
         return views
@@ -78,7 +81,13 @@ class Standby:
     # ---- folding ---------------------------------------------------------------------
 
     def _loop(self) -> None:
-        self._fold_queued(block=True)
+        try:
+            self._fold_queued(block=True)
+        except Exception:
+            # A view may now miss a record (an EndSaga, say): hand none over.
+            log.exception("standby folding failed; the next coordinator reads the store")
+            self._broken = True
+            self._views.clear()
 
     def _fold_queued(self, block: bool = False) -> None:
         """Fold what is queued, up to the stop marker; wait for more if `block`."""

@@ -87,7 +87,7 @@ class RaftTiming:
     # The longest the Raft loop sleeps without socket events. Proposals and reads
     # wake it through pysyncobj's pipe, and answers are socket events, so only the
     # timers (heartbeat, election, fallback) wait for a tick: 5 ms cost each idle
-    # node 8-9 % of a core here, 25 ms 4-5.5 %.
+    # node 8-9 % of a core here, 20 ms 3.7-5 %.
     tick_ms: int = 20
     append_period_ms: int = 25  # heartbeat interval
     election_min_ms: int = 400
@@ -153,10 +153,11 @@ class _SyncingTransport(TCPTransport):
     (Raft thesis 10.2.1) instead of coming before them, and covers every entry
     proposed in the tick at once. The transport's tick is the last thing the Raft
     loop does before it polls its sockets (pysyncobj runs the tick callbacks just
-    before `poll`), and a leader learns of acknowledgements only inside that poll:
-    so the leader's fsync is done before it counts any answer, and its commit
-    index, computed at the start of the next tick, never covers an entry that is
-    not on its own disk. Answers, votes and everything else still fsync first.
+    before `poll`), so the fsync overlaps the answers' way back; and
+    `SagaLogRaft._onTick` syncs again before pysyncobj computes the commit index
+    (a cheap no-op unless a new leader's no-op entry was added inside the poll),
+    so that index never covers an entry that is not on the leader's own disk.
+    Answers, votes and everything else still fsync first.
 
     It keeps every link busy: pysyncobj checks a connection's read timeout when it
     next sends on it, so the first message on an idle link (followers never talk
@@ -539,6 +540,9 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         try:
             self._start_read_round()
             self._read_before_campaigning()
+            # Before the commit index is computed: a new leader's no-op entry is added
+            # and sent from inside a poll, whose answer can be read in that same poll.
+            self._journal.sync()
             SyncObj._onTick(self, timeToWait)
         finally:
             end = self._pulse = time.monotonic()
@@ -549,13 +553,15 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         campaign. pysyncobj checks the timer at the start of a tick and reads only
         at its end: a follower whose loop did not run for a while (a busy machine)
         campaigned even with the other follower's vote request already waiting, so
-        both voted for themselves and the election took another timeout (two of 20
-        failovers took 1.3 s instead of 0.5 s). Voting for that candidate, or
-        hearing from a live leader, resets the timer."""
+        both voted for themselves and the election took another timeout. Voting for
+        that candidate, or hearing from a live leader, resets the timer. (It does
+        not prevent two timers firing within one candidate's term write of each
+        other: see bench/README.md, failover.)"""
         if (
             self._SyncObj__raftState != 2  # type: ignore[has-type]
             and self._SyncObj__raftElectionDeadline < raft_clock()
             and self._SyncObj__transport.ready
+            and not self._SyncObj__needLoadDumpFile  # the snapshot loads first
         ):
             self._poller.poll(0)
 

@@ -102,3 +102,38 @@ def test_a_driver_adopts_the_views_and_reads_only_the_other_sagas_from_the_store
         assert driver.stats["calls"] == 2  # both re-send their outstanding call to a
     finally:
         driver._participants.close()
+
+
+def test_an_adopted_view_of_a_saga_that_ended_meanwhile_is_read_again_not_driven() -> None:
+    """A stale view (the saga ended in the store, the view missed it) must not make a
+    new leader call participants again: the sweep reads it from the store."""
+    from contextlib import contextmanager
+
+    class Log:
+        def in_flight(self):
+            return iter([])  # "gone" has ended in the store
+
+        def records(self, saga_id: str):
+            return saga(saga_id)  # through EndSaga
+
+    class Raft:
+        def apply_batch(self, batch: bytes, callback) -> None:
+            pass
+
+        def majority_heard_within(self, seconds: float) -> bool:
+            return True
+
+        @contextmanager
+        def reading(self):
+            yield Log()
+
+    stale = SagaView.from_records("gone", saga("gone")[:2])  # still waits on vertex a
+    driver = Driver(Raft(), epoch=2, node_id="n2", lease_s=60)
+    try:
+        driver.adopt({"gone": stale})
+        driver._sweep()
+        driver._turn()
+        assert "gone" not in driver._runs
+        assert driver.stats["calls"] == 0
+    finally:
+        driver._participants.close()
