@@ -281,7 +281,9 @@ def test_a_follower_reads_a_waiting_vote_request_before_its_own_timer_makes_it_c
             addr,
             [a for a in addrs if a != addr],
             str(tmp_path / f"n{n}"),
-            RaftTiming(),
+            # A peer that does not tick for a second would otherwise have its link
+            # closed (pysyncobj's read timeout) and the vote request dropped with it.
+            RaftTiming(connection_timeout_ms=60_000),
             auto_tick=False,
         )
         for n, addr in enumerate(addrs)
