@@ -15,7 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -31,18 +33,40 @@ from sagalog.raft import RaftTiming
 STATE_FILE = "cluster.json"
 
 
+# Ports this process handed out lately: the kernel may offer a port again as soon as
+# its probe socket is closed, before whoever got it binds it (a cluster's node and a
+# participant once got the same port and the node could not start).
+RECENT_PORTS_KEPT = 4096
+_recent_ports: OrderedDict[int, None] = OrderedDict()
+_ports_lock = threading.Lock()
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports the kernel says are free now (held open together while chosen)."""
+    """n distinct ports the kernel says are free now (held open together while chosen),
+    none of them handed out by an earlier call in this process lately."""
     socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    ports: list[int] = []
+    with _ports_lock:
+        try:
+            for _ in range(n + RECENT_PORTS_KEPT):  # each skip keeps its socket open
+                if len(ports) == n:
+                    break
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind((host, 0))
+                socks.append(s)
+                port = s.getsockname()[1]
+                if port not in _recent_ports:
+                    ports.append(port)
+        finally:
+            for s in socks:
+                s.close()
+        for port in ports:
+            _recent_ports[port] = None
+        while len(_recent_ports) > RECENT_PORTS_KEPT:
+            _recent_ports.popitem(last=False)
+    if len(ports) < n:
+        raise OSError(f"could not find {n} free ports on {host}")
+    return ports
 
 
 def write_secret(path: str, secret: str) -> str:
