@@ -3,6 +3,8 @@ flight equal what the coordinator would read from the store, or are left out."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from saga.v1 import log_pb2
 
 from coordinator.driver import Driver
@@ -27,6 +29,24 @@ def saga(saga_id: str) -> list[log_pb2.Record]:
 
 def applied(saga_id: str, records: list[log_pb2.Record], first_seq: int = 0) -> list[tuple]:
     return [(saga_id, first_seq + i, r) for i, r in enumerate(records)]
+
+
+class StoreRaft:
+    """A Raft for a driver: it never commits a proposal, always leads, and reads
+    from `log`."""
+
+    def __init__(self, log) -> None:
+        self._log = log
+
+    def apply_batch(self, batch: bytes, callback) -> None:
+        pass
+
+    def majority_heard_within(self, seconds: float) -> bool:
+        return True
+
+    @contextmanager
+    def reading(self):
+        yield self._log
 
 
 def test_views_equal_what_the_store_would_give_and_ended_sagas_are_dropped() -> None:
@@ -67,8 +87,6 @@ def test_the_bound_holds_and_a_replaced_store_clears_every_view() -> None:
 
 
 def test_a_driver_adopts_the_views_and_reads_only_the_other_sagas_from_the_store() -> None:
-    from contextlib import contextmanager
-
     read: list[str] = []
 
     class Log:
@@ -79,20 +97,9 @@ def test_a_driver_adopts_the_views_and_reads_only_the_other_sagas_from_the_store
             read.append(saga_id)
             return saga(saga_id)[:2]
 
-    class Raft:
-        def apply_batch(self, batch: bytes, callback) -> None:
-            pass
-
-        def majority_heard_within(self, seconds: float) -> bool:
-            return True
-
-        @contextmanager
-        def reading(self):
-            yield Log()
-
     standby = Standby()
     standby.on_applied(applied("warm", saga("warm")[:2]))
-    driver = Driver(Raft(), epoch=2, node_id="n2", lease_s=60)
+    driver = Driver(StoreRaft(Log()), epoch=2, node_id="n2", lease_s=60)
     try:
         driver.adopt(standby.hand_over())
         driver._sweep()
@@ -107,7 +114,6 @@ def test_a_driver_adopts_the_views_and_reads_only_the_other_sagas_from_the_store
 def test_an_adopted_view_of_a_saga_that_ended_meanwhile_is_read_again_not_driven() -> None:
     """A stale view (the saga ended in the store, the view missed it) must not make a
     new leader call participants again: the sweep reads it from the store."""
-    from contextlib import contextmanager
 
     class Log:
         def in_flight(self):
@@ -116,19 +122,8 @@ def test_an_adopted_view_of_a_saga_that_ended_meanwhile_is_read_again_not_driven
         def records(self, saga_id: str):
             return saga(saga_id)  # through EndSaga
 
-    class Raft:
-        def apply_batch(self, batch: bytes, callback) -> None:
-            pass
-
-        def majority_heard_within(self, seconds: float) -> bool:
-            return True
-
-        @contextmanager
-        def reading(self):
-            yield Log()
-
     stale = SagaView.from_records("gone", saga("gone")[:2])  # still waits on vertex a
-    driver = Driver(Raft(), epoch=2, node_id="n2", lease_s=60)
+    driver = Driver(StoreRaft(Log()), epoch=2, node_id="n2", lease_s=60)
     try:
         driver.adopt({"gone": stale})
         driver._sweep()
