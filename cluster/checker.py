@@ -207,7 +207,7 @@ def collect(
             time.sleep(0.2)
     for name in harness.participants.services:
         state = harness.participants.state(name)
-        for booking in state.bookings.values():
+        for booking in state.bookings:
             obs.bookings.append(Booking(name, booking.saga_id, booking.vertex, booking.status))
         for call in state.calls:
             obs.received.append(Received(name, call.kind, call.epoch, call.at, call.sent_ms))

@@ -47,8 +47,12 @@ def print_bookings(participants: TravelParticipants) -> None:
     """What each participant's own database says: the ground truth of the guarantee."""
     rows = []
     for name in participants.services:
-        for booking in participants.state(name).bookings.values():
-            rows.append((booking.saga_id, name, booking.status, booking.output.decode() or "-"))
+        state = participants.state(name)
+        for request in state.requests.values():
+            # The ledger's answer beside the booking table's row: the effect itself.
+            booked = state.bookings_for(request.request_key)
+            status = booked[0].status if booked else request.status
+            rows.append((request.saga_id, name, status, request.output.decode() or "-"))
     rows.sort()
     width = max(len(r[0]) for r in rows)
     for saga_id, name, status, output in rows:
@@ -112,7 +116,7 @@ def run(base_dir: str) -> None:
         show(client.wait_for_end("trip-rome"))
         payments = [c for c in participants.state("Payment").calls if c.saga_id == "trip-rome"]
         payment = participants.state("Payment")
-        charges = [b for b in payment.bookings.values() if b.saga_id == "trip-rome"]
+        charges = [b for b in payment.bookings if b.saga_id == "trip-rome"]
         print(
             f"Payment received {len(payments)} call(s) for trip-rome "
             f"(epochs {sorted({c.epoch for c in payments})}) and charged {len(charges)} time(s)"

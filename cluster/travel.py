@@ -2,7 +2,7 @@
 
 `travel_definition` is the saga from the talk: book a hotel, a car and a flight in
 parallel, then charge the payment. `TravelParticipants` runs one real
-`cluster.participant` process per service on free loopback ports, so that demos,
+`saga-participant` process per service on free loopback ports, so that demos,
 tests and benches can kill, restart and misconfigure participants (fault knobs)
 the way real services fail. Like `cluster.launcher`, it ends only the processes
 it started, by PID.
@@ -23,7 +23,7 @@ from saga.v1 import log_pb2
 
 from cluster.grpcutil import channel_to
 from cluster.launcher import free_ports, stop_processes
-from cluster.participant import ParticipantState, db_path_for, read_state
+from cluster.testkit.booking import ParticipantState, db_path_for, read_state
 from cluster.tls import dev_files
 
 TRAVEL_SERVICES = ("Hotel", "Car", "Flight", "Payment")
@@ -81,7 +81,7 @@ def travel_definition(
 
 
 class TravelParticipants:
-    """One `cluster.participant` process per travel service, on loopback.
+    """One booking participant process per travel service, on loopback.
 
     Each service keeps its port for the object's lifetime (a restarted participant
     comes back where the saga definitions point) and its database and log in
@@ -152,7 +152,7 @@ class TravelParticipants:
         return [
             sys.executable,
             "-m",
-            "cluster.participant",
+            "cluster.testkit.booking",
             "--name",
             name,
             "--addr",

@@ -10,7 +10,6 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -19,7 +18,7 @@ from saga.v1 import log_pb2, participant_pb2, participant_pb2_grpc, sagas_pb2
 from cluster.client import SagaClient
 from cluster.launcher import LocalCluster
 from cluster.logclient import LogClient
-from cluster.participant import FaultDecider, Faults
+from cluster.testkit.booking import FaultDecider, Faults
 from cluster.travel import TravelParticipants, travel_definition
 from coordinator.core import request_key
 from sagalog import codec
@@ -65,9 +64,10 @@ def check_guarantee(client: SagaClient, parts: TravelParticipants, saga_ids: lis
     for saga_id in saga_ids:
         info = client.get(saga_id)
         effects = {
-            name: states[name].bookings.get(request_key(saga_id, name)) for name in parts.services
+            name: states[name].bookings_for(request_key(saga_id, name)) for name in parts.services
         }
-        in_effect = [n for n, b in effects.items() if b is not None and b.status == "in_effect"]
+        assert all(len(b) <= 1 for b in effects.values()), (saga_id, effects)  # never twice
+        in_effect = [n for n, b in effects.items() if b and b[0].status == "in_effect"]
         if info.state == sagas_pb2.COMPLETED:
             assert sorted(in_effect) == sorted(parts.services), (saga_id, effects)
         else:
@@ -298,10 +298,7 @@ def _seed_failing_first_attempt_only(key: str, rate: float) -> int:
     """A participant seed whose transport-error draw fails attempt 1 and passes 2."""
     for seed in range(10_000):
         draws = [
-            FaultDecider(Faults(seed=seed)).draw(
-                "transport", SimpleNamespace(kind="execute", idempotency_key=key, attempt=a)
-            )
-            for a in (1, 2)
+            FaultDecider(Faults(seed=seed)).draw("transport", "execute", key, a) for a in (1, 2)
         ]
         if draws[0] < rate <= draws[1]:
             return seed

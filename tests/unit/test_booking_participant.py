@@ -1,7 +1,8 @@
-"""The booking participant: idempotency, tombstones, fault knobs, durability.
+"""The travel booking participant (the SDK plus fault knobs), over gRPC.
 
 Most tests run the participant's gRPC server inside the test process on port 0;
-the durability tests run real `cluster.participant` processes and kill -9 them.
+the durability tests run real `saga-participant` processes and kill -9 them. The
+SDK's own guarantees are proven in test_participant_sdk.py.
 """
 
 from __future__ import annotations
@@ -15,24 +16,27 @@ import pytest
 from saga.v1 import participant_pb2, participant_pb2_grpc
 
 from cluster.grpcutil import channel_to
-from cluster.participant import (
-    ANSWER_CRASH,
-    ANSWER_HANG,
+from cluster.participant import Call
+from cluster.participant.ledger import (
     ANSWER_OK,
     ANSWER_REFUSED,
-    ANSWER_UNAVAILABLE,
-    CANCELLED,
+    COMPENSATED,
     IN_EFFECT,
     LATE_REQUEST_ERROR,
-    OUTCOME_CANCELLED,
+    OUTCOME_COMPENSATED,
     OUTCOME_NOTHING_TO_UNDO,
     OUTCOME_TOMBSTONED,
     REFUSED,
-    CallInfo,
+)
+from cluster.testkit.booking import (
+    ANSWER_CRASH,
+    ANSWER_HANG,
+    ANSWER_UNAVAILABLE,
+    CANCELLED,
+    BookingConfig,
+    BookingServer,
     FaultDecider,
     Faults,
-    ParticipantConfig,
-    ParticipantServer,
     main,
     parse_args,
     read_state,
@@ -87,7 +91,7 @@ def compensate(
 class InProcess:
     """A participant server in this process and a stub to it."""
 
-    def __init__(self, server: ParticipantServer) -> None:
+    def __init__(self, server: BookingServer) -> None:
         self.server = server
         self.channel = channel_to(server.address)
         self.stub = participant_pb2_grpc.ParticipantStub(self.channel)
@@ -102,13 +106,13 @@ def make_participant(tmp_path) -> Iterator[Callable[..., InProcess]]:
     started: list[InProcess] = []
 
     def make(**faults: Any) -> InProcess:
-        config = ParticipantConfig(
+        config = BookingConfig(
             name="Hotel",
             addr="127.0.0.1:0",
             data_dir=str(tmp_path / f"p{len(started)}"),
             faults=Faults(seed=7, **faults),
         )
-        server = ParticipantServer(config)
+        server = BookingServer(config)
         server.start()
         started.append(InProcess(server))
         return started[-1]
@@ -152,7 +156,7 @@ def test_compensation_before_its_request_leaves_a_tombstone(make_participant) ->
     state = hotel.state()
     key = request_key("trip-1", "Hotel")
     assert state.in_effect() == []
-    assert state.bookings[key].status == REFUSED
+    assert state.requests[key].status == REFUSED and state.bookings == []
     tombstone = state.tombstones[key]
     assert tombstone.compensation_key == compensation_key("trip-1", "Hotel")
     assert tombstone.late_request_at is not None  # the late request was seen and refused
@@ -163,13 +167,15 @@ def test_compensation_cancels_a_booking_and_is_idempotent(make_participant) -> N
     booked = execute(hotel.stub, "trip-1")
     first = compensate(hotel.stub, "trip-1", attempt=1)
     again = compensate(hotel.stub, "trip-1", attempt=2)
-    assert first.ok and first.output == OUTCOME_CANCELLED.encode()
+    assert first.ok and first.output == OUTCOME_COMPENSATED.encode()
     assert again == first
     state = hotel.state()
-    booking = state.bookings[request_key("trip-1", "Hotel")]
-    assert booking.status == CANCELLED and booking.output == booked.output  # row kept
-    assert booking.cancelled_by == compensation_key("trip-1", "Hotel")
-    assert booking.cancelled_at is not None and booking.cancelled_at >= booking.decided_at
+    request = state.requests[request_key("trip-1", "Hotel")]
+    assert request.status == COMPENSATED and request.output == booked.output  # row kept
+    assert request.compensated_by == compensation_key("trip-1", "Hotel")
+    assert request.compensated_at is not None and request.compensated_at >= request.decided_at
+    [booking] = state.bookings
+    assert booking.status == CANCELLED and booked.output == f"HOTEL-{booking.id:06d}".encode()
     assert len(state.compensations) == 1 and state.tombstones == {}
     # A repeat of the request after its compensation still gets its first answer
     # and books nothing new.
@@ -186,7 +192,8 @@ def test_refuse_saga_substring_refuses_only_those_sagas(make_participant) -> Non
     nothing = compensate(hotel.stub, "trip-doomed-1")
     assert nothing.ok and nothing.output == OUTCOME_NOTHING_TO_UNDO.encode()
     state = hotel.state()
-    assert state.bookings[request_key("trip-doomed-1", "Hotel")].status == REFUSED
+    assert state.requests[request_key("trip-doomed-1", "Hotel")].status == REFUSED
+    assert [b.saga_id for b in state.bookings] == ["trip-fine-1"]
     assert [c.answer for c in state.calls_for(request_key("trip-doomed-1", "Hotel"))] == [
         ANSWER_REFUSED,
         ANSWER_REFUSED,
@@ -220,7 +227,7 @@ def test_transport_error_knob_is_unavailable_and_does_nothing(make_participant) 
         execute(hotel.stub, "trip-1")
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     state = hotel.state()
-    assert state.bookings == {}
+    assert state.bookings == [] and state.requests == {}
     assert [c.answer for c in state.calls] == [ANSWER_UNAVAILABLE]
 
 
@@ -231,7 +238,8 @@ def test_compensate_error_knob_fails_only_compensations(make_participant) -> Non
         with pytest.raises(grpc.RpcError) as err:
             compensate(hotel.stub, "trip-1", attempt=attempt)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert hotel.state().bookings[request_key("trip-1", "Hotel")].status == IN_EFFECT
+    [booking] = hotel.state().bookings_for(request_key("trip-1", "Hotel"))
+    assert booking.status == IN_EFFECT
 
 
 def test_hang_knob_with_a_short_deadline_is_deadline_exceeded(make_participant) -> None:
@@ -242,18 +250,19 @@ def test_hang_knob_with_a_short_deadline_is_deadline_exceeded(make_participant) 
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - t0 < 5
     state = hotel.state()
-    assert state.bookings == {} and [c.answer for c in state.calls] == [ANSWER_HANG]
+    assert state.bookings == [] and [c.answer for c in state.calls] == [ANSWER_HANG]
 
 
 def test_seeded_fault_decisions_are_repeatable() -> None:
     faults = Faults(refuse_rate=0.5, hang_rate=0.5, seed=42)
     calls = [
-        CallInfo("execute", f"trip-{i}", "Hotel", "BookHotel", f"k{i}", f"k{i}", 1, 1)
+        Call("execute", f"trip-{i}", "Hotel", "BookHotel", f"k{i}", f"k{i}", 1, 1)
         for i in range(200)
     ]
 
     def decisions(decider: FaultDecider) -> list[tuple[bool, bool]]:
-        return [(decider.refusal("Hotel", c) is not None, decider.hang(c)) for c in calls]
+        # A Call has the fields a refusal reads from a Step.
+        return [(decider.refusal("Hotel", c) is not None, decider.hang(c)) for c in calls]  # type: ignore[arg-type]
 
     first = decisions(FaultDecider(faults))
     assert first == decisions(FaultDecider(faults))
@@ -348,15 +357,18 @@ def test_state_survives_kill_9_and_a_crash_after_the_effect(travel) -> None:
     assert compensate(stubs["Hotel"], "trip-1", "Hotel", epoch=2).ok
 
     hotel_state = participants.state("Hotel")
-    assert hotel_state.bookings[request_key("trip-1", "Hotel")].status == CANCELLED
+    [hotel_booking] = hotel_state.bookings_for(request_key("trip-1", "Hotel"))
+    assert hotel_booking.status == CANCELLED
     assert [(c.attempt, c.epoch) for c in hotel_state.calls if c.kind == "execute"] == [
         (1, 1),
         (2, 2),
     ]
     flight_state = participants.state("Flight")
     assert len(flight_state.bookings) == 1
-    assert flight_state.bookings[request_key("trip-1", "Flight")].output == flight.output
-    assert [c.answer for c in flight_state.calls] == [ANSWER_CRASH, ANSWER_OK]
+    assert flight_state.requests[request_key("trip-1", "Flight")].output == flight.output
+    # The booking committed, then the process died before answering; the retry
+    # got the first answer.
+    assert [c.answer for c in flight_state.calls] == [ANSWER_OK, ANSWER_CRASH, ANSWER_OK]
 
     for channel in channels.values():
         channel.close()
