@@ -332,13 +332,13 @@ def test_a_lost_reply_in_a_saga_that_aborts_is_cancelled(client, make_participan
     while parts.alive("Hotel"):
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    booked = parts.state("Hotel").bookings[request_key(saga_id, "Hotel")]
+    [booked] = parts.state("Hotel").bookings_for(request_key(saga_id, "Hotel"))
     assert booked.status == "in_effect"  # the effect exists; the reply was lost
     parts.restart("Hotel", extra_args=[])
     parts.wait_ready(15)
     info = client.wait_for_end(saga_id, 30)
     assert info.state == sagas_pb2.ABORTED
-    hotel = parts.state("Hotel").bookings[request_key(saga_id, "Hotel")]
+    [hotel] = parts.state("Hotel").bookings_for(request_key(saga_id, "Hotel"))
     assert hotel.status == "cancelled"
     check_guarantee(client, parts, [saga_id])
 
