@@ -25,7 +25,7 @@ test-quick: $(BIN)/.installed
 
 ## A local three-node cluster doing real work, then stopped.
 demo: $(BIN)/.installed
-	$(BIN)/python -m cluster.demo
+	$(BIN)/python -m cluster.testkit.demo
 
 ## Saga Log commit rate and latency beside a bare pysyncobj counter (~80 s).
 bench: $(BIN)/.installed

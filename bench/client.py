@@ -8,15 +8,15 @@ coordinator and by DBOS Transact, all measured in one run.
 --quick: concurrency 1 and 16, 3 s windows, no DBOS (a smoke run).
 
 One run starts, in a temporary directory, a three-node cluster
-(`cluster.launcher.LocalCluster`), the four travel participants
-(`cluster.travel.TravelParticipants`) and, for the watchers measurement, a fifth
+(`cluster.testkit.launcher.LocalCluster`), the four travel participants
+(`cluster.testkit.travel.TravelParticipants`) and, for the watchers measurement, a fifth
 participant process: a second Payment. All are real processes; a `finally` block
 stops them (only them, by PID) whatever happens.
 
 Closed loop. At concurrency c, c workers each start one travel saga, wait until
 the client knows that it has ended, then start the next one, for a warm-up (2 s;
 1 s with --quick; --warmup) and then a window of --seconds. Every worker is an
-asyncio task in this process, at every c, with `cluster.aioclient.AsyncSagaClient`
+asyncio task in this process, at every c, with `cluster.client.aio.AsyncSagaClient`
 (a thread per worker does not scale to c = 256, and one code path keeps the modes
 comparable). The client is given every node's address, leader first, so it talks
 to the leader; a client whose first node is a follower pays one forwarding hop per
@@ -107,10 +107,10 @@ from saga.v1 import log_pb2, participant_pb2, participant_pb2_grpc, sagas_pb2
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.e2e import fmt, pct, proc_stats, progress  # noqa: E402
-from cluster.aioclient import AsyncSagaClient  # noqa: E402
-from cluster.client import SagaClient  # noqa: E402
-from cluster.launcher import LocalCluster  # noqa: E402
-from cluster.travel import TRAVEL_ACTIONS, TravelParticipants, travel_definition  # noqa: E402
+from cluster.client.aio import AsyncSagaClient  # noqa: E402
+from cluster.client.saga_client import SagaClient  # noqa: E402
+from cluster.testkit.launcher import LocalCluster  # noqa: E402
+from cluster.testkit.travel import TRAVEL_ACTIONS, TravelParticipants, travel_definition  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PAYLOAD = b'{"to": "Lisbon"}'

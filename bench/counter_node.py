@@ -13,9 +13,9 @@ the records to RocksDB) must be missing:
   during a bench: it starts at 50,000 journal entries or after 24 hours);
 * the same `RaftTiming` (the default, or the `[timing]` table of `--config`,
   which is what `LocalCluster` passes to `sagalog-node`);
-* the same gRPC server shape as `cluster.node.Node` (`DEFAULT_GRPC_WORKERS` worker threads, the same
-  options) and a `Propose` that waits for its callback with a deadline and a cap
-  on in-flight calls, like `sagalog.proposer.Proposer`;
+* the same gRPC server shape as `cluster.runtime.node.Node` (`DEFAULT_GRPC_WORKERS`
+  worker threads, the same options) and a `Propose` that waits for its callback
+  with a deadline and a cap on in-flight calls, like `sagalog.proposer.Proposer`;
 * Raft entries of the same size: the replicated method receives the proposed
   batch bytes (and ignores them), so pickling, journal writes and network bytes
   match the Saga Log's.
@@ -40,7 +40,7 @@ import grpc
 from pysyncobj import FAIL_REASON, SyncObj, replicated
 from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
-from cluster.config import DEFAULT_GRPC_WORKERS, Peer, read_secret
+from cluster.runtime.config import DEFAULT_GRPC_WORKERS, Peer, read_secret
 from sagalog import codec
 from sagalog.framecipher import EncryptedFrames, FrameCipher
 from sagalog.journal import DurableJournal
@@ -51,15 +51,15 @@ log = logging.getLogger("bench.counter_node")
 
 # Mirrored from cluster/ (copied, like the Raft configuration below).
 GRPC_WORKERS = DEFAULT_GRPC_WORKERS  # as a sagalog-node
-GRPC_MAX_MESSAGE_BYTES = codec.MAX_BATCH_BYTES + (1 << 20)  # cluster.node
-PROPOSE_TIMEOUT_MS = 5000  # cluster.config.NodeConfig.propose_timeout_ms default
+GRPC_MAX_MESSAGE_BYTES = codec.MAX_BATCH_BYTES + (1 << 20)  # cluster.runtime.node
+PROPOSE_TIMEOUT_MS = 5000  # cluster.runtime.config.NodeConfig.propose_timeout_ms default
 
 _REASON_NAMES = {getattr(FAIL_REASON, n): n for n in dir(FAIL_REASON) if n.isupper()}
 _ROLES = {0: cluster_pb2.FOLLOWER, 1: cluster_pb2.CANDIDATE, 2: cluster_pb2.LEADER}
 
 
 def raft_role(raft: SyncObj) -> int:
-    """As cluster.service.raft_role: the attribute itself, since getStatus() iterates
+    """As cluster.runtime.service.raft_role: the attribute itself, since getStatus() iterates
     dicts that the Raft thread mutates."""
     return _ROLES.get(getattr(raft, "_SyncObj__raftState", 0), cluster_pb2.FOLLOWER)
 

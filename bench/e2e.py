@@ -39,9 +39,9 @@ from saga.v1 import cluster_pb2, participant_pb2, participant_pb2_grpc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import log_append  # noqa: E402
-from cluster.client import SagaClient  # noqa: E402
-from cluster.launcher import LocalCluster  # noqa: E402
-from cluster.travel import TravelParticipants, travel_definition  # noqa: E402
+from cluster.client.saga_client import SagaClient  # noqa: E402
+from cluster.testkit.launcher import LocalCluster  # noqa: E402
+from cluster.testkit.travel import TravelParticipants, travel_definition  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_RATE = 300.0

@@ -37,9 +37,9 @@ from saga.v1 import cluster_pb2, log_pb2
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.e2e import c1_latency, proc_stats, progress  # noqa: E402
-from cluster.client import SagaClient  # noqa: E402
-from cluster.launcher import LocalCluster  # noqa: E402
-from cluster.travel import TravelParticipants, travel_definition  # noqa: E402
+from cluster.client.saga_client import SagaClient  # noqa: E402
+from cluster.testkit.launcher import LocalCluster  # noqa: E402
+from cluster.testkit.travel import TravelParticipants, travel_definition  # noqa: E402
 from sagalog import codec  # noqa: E402
 from sagalog import records as rec  # noqa: E402
 

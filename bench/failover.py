@@ -41,9 +41,9 @@ from saga.v1 import cluster_pb2, log_pb2
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.e2e import pct, progress  # noqa: E402
-from cluster.client import SagaClient  # noqa: E402
-from cluster.launcher import LocalCluster  # noqa: E402
-from cluster.travel import TravelParticipants, travel_definition  # noqa: E402
+from cluster.client.saga_client import SagaClient  # noqa: E402
+from cluster.testkit.launcher import LocalCluster  # noqa: E402
+from cluster.testkit.travel import TravelParticipants, travel_definition  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_P99_S = 2.0

@@ -4,7 +4,7 @@ replicated counter: `make bench`, or `.venv/bin/python bench/log_append.py [--qu
 Two three-node clusters of real processes on loopback, each in its own temporary
 directory, both with the default RaftTiming:
 
-* saga:    `sagalog-node` processes (cluster.launcher.LocalCluster);
+* saga:    `sagalog-node` processes (cluster.testkit.launcher.LocalCluster);
 * counter: `bench/counter_node.py` processes: the same journal, transport, Raft
   configuration and gRPC server, with a counter instead of the Saga Log.
 
@@ -49,7 +49,7 @@ import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2
 
 from cluster.grpcutil import CHANNEL_OPTIONS
-from cluster.launcher import LocalCluster
+from cluster.testkit.launcher import LocalCluster
 from sagalog import codec
 from sagalog.records import completed_saga as travel_records
 
@@ -86,7 +86,7 @@ MODES = {"entry": Mode("1/entry", 1), "batch": Mode(f"{BATCH_RECORDS}/entry", BA
 
 class CounterCluster(LocalCluster):
     """Three bench/counter_node.py processes. LocalCluster does the rest as it does for
-    sagalog-node: free ports (cluster.launcher.free_ports), one log file per node, and
+    sagalog-node: free ports (cluster.testkit.launcher.free_ports), one log file per node, and
     stop_all ends exactly the processes it started, by PID."""
 
     program = (str(COUNTER_NODE),)

@@ -156,7 +156,7 @@ def travel_shaped_definition(
     endpoint: str = "127.0.0.1:50061", max_attempts: int = 3
 ) -> log_pb2.SagaDefinition:
     """Hotel, Car and Flight in parallel, then Payment: the shape of the travel saga,
-    all on one endpoint (test and benchmark data; cluster.travel has the real one)."""
+    all on one endpoint (test and benchmark data; cluster.testkit.travel has the real one)."""
     parallel = ["Hotel", "Car", "Flight"]
     vertices = [
         log_pb2.Vertex(

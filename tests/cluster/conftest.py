@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from saga.v1 import log_pb2
 
-from cluster.launcher import LocalCluster
-from cluster.logclient import LogClient
+from cluster.client.logclient import LogClient
+from cluster.testkit.launcher import LocalCluster
 from sagalog.records import completed_saga as travel_records
 
 

@@ -10,10 +10,10 @@ import pytest
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, sagas_pb2, sagas_pb2_grpc
 
 from cluster.auth import bearer
-from cluster.client import SagaClient
+from cluster.client.saga_client import SagaClient
 from cluster.grpcutil import channel_to
-from cluster.launcher import LocalCluster
-from cluster.travel import TravelParticipants, travel_definition
+from cluster.testkit.launcher import LocalCluster
+from cluster.testkit.travel import TravelParticipants, travel_definition
 
 pytestmark = pytest.mark.cluster
 

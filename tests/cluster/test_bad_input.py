@@ -20,11 +20,11 @@ import pytest
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2_grpc
 from test_sagas import check_guarantee
 
-from cluster.client import SagaClient
+from cluster.client.logclient import LogClient
+from cluster.client.saga_client import SagaClient
 from cluster.grpcutil import channel_to
-from cluster.launcher import LocalCluster
-from cluster.logclient import LogClient
-from cluster.travel import TravelParticipants, travel_definition
+from cluster.testkit.launcher import LocalCluster
+from cluster.testkit.travel import TravelParticipants, travel_definition
 from sagalog import codec
 from sagalog import records as rec
 

@@ -19,11 +19,11 @@ import pytest
 from saga.v1 import sagas_pb2, sagas_pb2_grpc
 from test_sagas import check_guarantee
 
-from cluster.aioclient import AsyncSagaClient
-from cluster.client import SagaClient
+from cluster.client.aio import AsyncSagaClient
+from cluster.client.saga_client import SagaClient
 from cluster.grpcutil import channel_to
-from cluster.launcher import LocalCluster
-from cluster.travel import TravelParticipants, travel_definition
+from cluster.testkit.launcher import LocalCluster
+from cluster.testkit.travel import TravelParticipants, travel_definition
 
 pytestmark = pytest.mark.cluster
 

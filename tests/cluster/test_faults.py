@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from cluster.chaos import REFUSE_MARK, Load
-from cluster.checker import Verdict, check, collect
-from cluster.faults import FaultHarness
-from cluster.travel import travel_definition
+from cluster.testkit.chaos import REFUSE_MARK, Load
+from cluster.testkit.checker import Verdict, check, collect
+from cluster.testkit.faults import FaultHarness
+from cluster.testkit.travel import travel_definition
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults]
 

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from saga.v1 import cluster_pb2, log_pb2
 
-from cluster.node import EXIT_REFUSED
+from cluster.runtime.node import EXIT_REFUSED
 
 pytestmark = pytest.mark.cluster
 

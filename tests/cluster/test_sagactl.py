@@ -13,7 +13,7 @@ pytestmark = pytest.mark.cluster
 
 def sagactl(cwd, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.sagactl", *args],
+        [sys.executable, "-m", "cluster.client.sagactl", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

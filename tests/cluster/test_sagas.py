@@ -15,11 +15,11 @@ import grpc
 import pytest
 from saga.v1 import log_pb2, participant_pb2, participant_pb2_grpc, sagas_pb2
 
-from cluster.client import SagaClient
-from cluster.launcher import LocalCluster
-from cluster.logclient import LogClient
+from cluster.client.logclient import LogClient
+from cluster.client.saga_client import SagaClient
 from cluster.testkit.booking import FaultDecider, Faults
-from cluster.travel import TravelParticipants, travel_definition
+from cluster.testkit.launcher import LocalCluster
+from cluster.testkit.travel import TravelParticipants, travel_definition
 from coordinator.core import request_key
 from sagalog import codec
 from sagalog import records as rec

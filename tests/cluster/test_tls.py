@@ -12,10 +12,10 @@ import pytest
 from saga.v1 import sagas_pb2
 from test_sagas import check_guarantee
 
-from cluster.client import SagaClient
-from cluster.launcher import LocalCluster
+from cluster.client.saga_client import SagaClient
+from cluster.testkit.launcher import LocalCluster
+from cluster.testkit.travel import TravelParticipants, travel_definition
 from cluster.tls import make_dev_certs
-from cluster.travel import TravelParticipants, travel_definition
 
 pytestmark = pytest.mark.cluster
 

@@ -12,7 +12,7 @@ import pytest
 from saga.v1 import log_pb2, sagas_pb2
 from test_driver_lease import FakeRaft
 
-from cluster.sagas_service import MAX_COORDINATOR_LAG_S, Call, Refusal, SagasService
+from cluster.runtime.sagas_service import MAX_COORDINATOR_LAG_S, Call, Refusal, SagasService
 from coordinator import admission
 from coordinator.admission import AdmissionLimit
 from coordinator.driver import Driver

@@ -41,7 +41,7 @@ from cluster.testkit.booking import (
     parse_args,
     read_state,
 )
-from cluster.travel import TRAVEL_SERVICES, TravelParticipants, travel_definition
+from cluster.testkit.travel import TRAVEL_SERVICES, TravelParticipants, travel_definition
 
 
 def request_key(saga_id: str, vertex: str) -> str:

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from cluster.checker import Booking, Observations, Received, check
-from cluster.faults import Sample
+from cluster.testkit.checker import Booking, Observations, Received, check
+from cluster.testkit.faults import Sample
 
 V = ["Hotel", "Car", "Flight", "Payment"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import from_args
+from cluster.runtime.config import from_args
 
 INSECURE = ["--insecure-raft"]  # loopback addresses: allowed without a password
 BASE = [

@@ -8,7 +8,7 @@ from concurrent import futures
 import grpc
 from saga.v1 import participant_pb2, participant_pb2_grpc
 
-from cluster.launcher import free_ports
+from cluster.testkit.launcher import free_ports
 from coordinator import core
 from coordinator.calls import ParticipantCalls
 

@@ -37,7 +37,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from saga.v1 import participant_pb2, participant_pb2_grpc
 
 from cluster.grpcutil import channel_to
-from cluster.launcher import free_ports
 from cluster.participant import Participant, Refused, Step
 from cluster.participant.ledger import (
     ANSWER_ERROR,
@@ -51,6 +50,7 @@ from cluster.participant.ledger import (
     Reply,
     read_ledger,
 )
+from cluster.testkit.launcher import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 SAGAS = ("s0", "s1", "s2")

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 from saga.v1 import log_pb2
 
-from cluster import push
-from cluster.push import AppliedFeed
-from cluster.sagas_service import Call, SagasService
+from cluster.runtime import push
+from cluster.runtime.push import AppliedFeed
+from cluster.runtime.sagas_service import Call, SagasService
 from sagalog import records as rec
 
 CALL = Call(forwarded=False, time_remaining_s=None)

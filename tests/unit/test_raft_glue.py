@@ -7,7 +7,7 @@ import os
 import time
 from types import SimpleNamespace
 
-from cluster.launcher import free_ports
+from cluster.testkit.launcher import free_ports
 from sagalog.journal import DurableJournal
 from sagalog.raft import LinkFaults, RaftTiming, SagaLogRaft, align_append_entries, raft_clock
 

@@ -6,8 +6,8 @@ import time
 
 from saga.v1 import log_pb2
 
-from cluster import retention
-from cluster.retention import Retention, purge_cutoff
+from cluster.runtime import retention
+from cluster.runtime.retention import Retention, purge_cutoff
 from sagalog import codec
 from sagalog import records as rec
 from sagalog.kv import MemoryKV

@@ -23,7 +23,7 @@ import grpc
 from saga.v1 import log_pb2, sagas_pb2, sagas_pb2_grpc
 
 from cluster.auth import bearer
-from cluster.client import (
+from cluster.client.saga_client import (
     DEFAULT_RUN_TIMEOUT_S,
     ENDED,
     STREAM_RETRYABLE,

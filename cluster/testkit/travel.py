@@ -4,7 +4,7 @@
 parallel, then charge the payment. `TravelParticipants` runs one real
 `saga-participant` process per service on free loopback ports, so that demos,
 tests and benches can kill, restart and misconfigure participants (fault knobs)
-the way real services fail. Like `cluster.launcher`, it ends only the processes
+the way real services fail. Like `cluster.testkit.launcher`, it ends only the processes
 it started, by PID.
 """
 
@@ -22,8 +22,8 @@ import grpc
 from saga.v1 import log_pb2
 
 from cluster.grpcutil import channel_to
-from cluster.launcher import free_ports, stop_processes
 from cluster.testkit.booking import ParticipantState, db_path_for, read_state
+from cluster.testkit.launcher import free_ports, stop_processes
 from cluster.tls import dev_files
 
 TRAVEL_SERVICES = ("Hotel", "Car", "Flight", "Payment")

@@ -23,13 +23,13 @@ import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 
 from cluster import auth
-from cluster import identity as ident
-from cluster.config import NodeConfig, from_args, node_tls, participant_tls
 from cluster.grpcutil import PENDING_REQUEST_OPTIONS, channel_to
-from cluster.push import AppliedFeed
-from cluster.retention import Retention
-from cluster.sagas_service import MAX_PUSH_STREAMS, SagasService
-from cluster.service import ClusterService, raft_role
+from cluster.runtime import identity as ident
+from cluster.runtime.config import NodeConfig, from_args, node_tls, participant_tls
+from cluster.runtime.push import AppliedFeed
+from cluster.runtime.retention import Retention
+from cluster.runtime.sagas_service import MAX_PUSH_STREAMS, SagasService
+from cluster.runtime.service import ClusterService, raft_role
 from coordinator.admission import MAX_LIMIT
 from coordinator.driver import Driver
 from coordinator.standby import Standby
@@ -123,7 +123,7 @@ class Node:
     the cluster starts), then Raft starts (`start_raft`).
 
     The server is grpc.aio's, on an event loop of its own thread: Watch and Run are
-    coroutines woken by applied records (`cluster.push`), so thousands can wait
+    coroutines woken by applied records (`cluster.runtime.push`), so thousands can wait
     without a thread each; every other method runs on the server's thread pool
     (`grpc_workers` threads), which is also the loop's executor."""
 

@@ -23,10 +23,10 @@ import time
 
 from saga.v1 import cluster_pb2, sagas_pb2
 
-from cluster.client import SagaClient
-from cluster.launcher import LocalCluster
-from cluster.sagactl import status_table
-from cluster.travel import TravelParticipants, travel_definition
+from cluster.client.saga_client import SagaClient
+from cluster.client.sagactl import status_table
+from cluster.testkit.launcher import LocalCluster
+from cluster.testkit.travel import TravelParticipants, travel_definition
 
 
 def say(text: str) -> None:

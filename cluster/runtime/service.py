@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2
 
-from cluster.config import NodeConfig
+from cluster.runtime.config import NodeConfig
 from sagalog import codec
 from sagalog import records as rec
 from sagalog.proposer import ProposeError, Proposer

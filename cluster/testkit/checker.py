@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from saga.v1 import sagas_pb2
 
-from cluster.faults import FaultHarness, Sample
+from cluster.testkit.faults import FaultHarness, Sample
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,8 @@ def collect(
 ) -> Observations:
     """After the faults healed: wait for every acknowledged saga to end (or the
     deadline), wait for the replicas to converge, then read everything."""
-    from cluster.client import SagaClient
-    from cluster.logclient import LogClient
+    from cluster.client.logclient import LogClient
+    from cluster.client.saga_client import SagaClient
 
     obs = Observations(acknowledged=set(acknowledged), samples=list(harness.samples))
     deadline = time.monotonic() + timeout_s

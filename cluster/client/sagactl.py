@@ -1,9 +1,10 @@
-"""`sagactl`: the command-line tool for a saga cluster.
+"""`sagactl`: the command-line tool for a saga cluster (client side).
 
-sagactl cluster up [--nodes 3|5] [--dir DIR]      start a local cluster in the background
 sagactl cluster status [--dir DIR | --addr H:P]   the cluster as a table
-sagactl cluster down [--dir DIR]                  stop the local cluster's processes
 sagactl cluster forget-node --id ID [...]         let a wiped node rejoin
+sagactl saga submit|run|get|list|watch|abort|resolve
+sagactl certs init DIR; sagactl auth add-token
+(`cluster up|down`, `travel` and `chaos` come from the test kit: testkit/commands.py)
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
-import time
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
 import grpc
 import yaml
@@ -23,13 +22,13 @@ from google.protobuf import json_format
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2
 
 from cluster import auth
-from cluster.client import SagaClient, client_tls
+from cluster.client.saga_client import SagaClient, client_tls
 from cluster.grpcutil import channel_to
-from cluster.launcher import LocalCluster, load_state
+from cluster.localstate import grpc_addresses
 from cluster.tls import TlsFiles, make_dev_certs
-from cluster.travel import TravelParticipants, travel_definition
 
 DEFAULT_DIR = "sagacluster-data"
+PLUGIN_GROUP = "sagactl.commands"
 ROLE_NAMES = {
     cluster_pb2.FOLLOWER: "follower",
     cluster_pb2.CANDIDATE: "candidate",
@@ -41,7 +40,7 @@ def _addresses(args: argparse.Namespace) -> list[str]:
     if args.addr:
         return [args.addr]
     try:
-        return [spec.grpc_addr for spec in load_state(args.dir)]
+        return grpc_addresses(args.dir)
     except FileNotFoundError:
         raise SystemExit(
             f"sagactl: no cluster in {args.dir!r} (start one with `sagactl cluster up`, "
@@ -96,49 +95,8 @@ def status_table(
     )
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    if os.path.exists(os.path.join(args.dir, "cluster.json")):
-        alive = [s for s in load_state(args.dir) if s.pid and _pid_alive(s.pid)]
-        if alive:
-            print(
-                f"sagactl: a cluster is already running in {args.dir!r} "
-                f"(pids {[s.pid for s in alive]}); `sagactl cluster down` first",
-                file=sys.stderr,
-            )
-            return 1
-    cluster = LocalCluster(args.dir, nodes=args.nodes)
-    started = time.monotonic()
-    cluster.start_all(detach=True)
-    try:
-        leader = cluster.wait_for_leader(timeout_s=args.timeout)
-    except TimeoutError as exc:
-        print(f"sagactl: {exc}\n{cluster.logs(20)}", file=sys.stderr)
-        return 1
-    print(
-        f"leader {leader.id} (term {leader.term}, epoch {leader.epoch}) elected in "
-        f"{time.monotonic() - started:.2f}s; data and logs in {cluster.base_dir}\n"
-    )
-    print(status_table([s.grpc_addr for s in cluster.specs.values()]))
-    return 0
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     print(status_table(_addresses(args)))
-    return 0
-
-
-def cmd_down(args: argparse.Namespace) -> int:
-    specs = load_state(args.dir)
-    for spec in specs:
-        if spec.pid and _pid_alive(spec.pid):
-            os.kill(spec.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for spec in specs:
-        while spec.pid and _pid_alive(spec.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if spec.pid and _pid_alive(spec.pid):
-            os.kill(spec.pid, signal.SIGKILL)
-    print(f"stopped {len(specs)} nodes")
     return 0
 
 
@@ -323,116 +281,16 @@ def cmd_saga(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chaos(args: argparse.Namespace) -> int:
-    from cluster import chaos
-
-    base = args.dir or tempfile.mkdtemp(prefix=f"chaos-{args.seed}-")
-    verdict, summary = chaos.run(
-        base,
-        duration_s=args.duration,
-        seed=args.seed,
-        nodes=args.nodes,
-        clients=args.clients,
-        rate_per_s=args.rate,
-    )
-    print(verdict.report())
-    print("summary:")
-    for key, value in summary.items():
-        print(f"  {key}: {value}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "ok": verdict.ok,
-                    "summary": summary,
-                    "counts": verdict.counts,
-                    "problems": verdict.problems,
-                },
-                f,
-                indent=2,
-            )
-    if verdict.ok and not args.dir:
-        shutil.rmtree(base, ignore_errors=True)
-    elif not verdict.ok:
-        print(f"data and logs kept in {base}")
-    return 0 if verdict.ok else 1
-
-
-TRAVEL_STATE = "travel.json"
-
-
-def cmd_travel_up(args: argparse.Namespace) -> int:
-    base = os.path.join(args.dir, "participants")
-    parts = TravelParticipants(base)
-    parts.start_all(detach=True)
-    try:
-        parts.wait_ready(timeout_s=15)
-    except Exception as exc:
-        parts.stop_all()
-        print(f"sagactl: participants did not start: {exc}", file=sys.stderr)
-        return 1
-    with open(os.path.join(args.dir, TRAVEL_STATE), "w") as f:
-        json.dump({n: parts.pid(n) for n in parts.services}, f)
-    definition = travel_definition(parts.endpoints)
-    path = os.path.join(args.dir, "travel.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(
-            json_format.MessageToDict(definition, preserving_proto_field_name=True),
-            f,
-            sort_keys=False,
-        )
-    for name, endpoint in parts.endpoints.items():
-        print(f"{name:8} {endpoint}  (data and log in {base})")
-    print(f"\nthe travel saga is in {path}:\n  sagactl saga submit {path} --watch")
-    return 0
-
-
-def cmd_travel_down(args: argparse.Namespace) -> int:
-    with open(os.path.join(args.dir, TRAVEL_STATE)) as f:
-        pids = json.load(f)
-    for pid in pids.values():
-        if pid and _pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-    print(f"stopped {len(pids)} participants")
-    return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (our own child not yet reaped) counts as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sagactl", description="Control a saga cluster.")
     top = p.add_subparsers(dest="group", required=True)
     cluster = top.add_parser("cluster", help="run and inspect a cluster")
     sub = cluster.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start a local cluster on loopback, in the background")
-    up.add_argument("--nodes", type=int, choices=(3, 5), default=3)
-    up.add_argument("--dir", default=DEFAULT_DIR, help="data and logs (default %(default)s)")
-    up.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for a leader")
-    up.set_defaults(func=cmd_up)
-
-    for name, func, text in [
-        ("status", cmd_status, "show every node's view as a table"),
-        ("down", cmd_down, "stop the local cluster"),
-    ]:
-        c = sub.add_parser(name, help=text)
-        c.add_argument("--dir", default=DEFAULT_DIR)
-        if name == "status":
-            c.add_argument("--addr", help="HOST:PORT of any node's gRPC server")
-        c.set_defaults(func=func)
+    status = sub.add_parser("status", help="show every node's view as a table")
+    status.add_argument("--dir", default=DEFAULT_DIR, help="a local cluster's directory")
+    status.add_argument("--addr", help="HOST:PORT of any node's gRPC server")
+    status.set_defaults(func=cmd_status)
 
     forget = sub.add_parser("forget-node", help="unregister a node whose data directory was wiped")
     forget.add_argument("--id", required=True)
@@ -460,28 +318,6 @@ def parser() -> argparse.ArgumentParser:
     add_token.add_argument("--name", required=True, help="who holds it (shown in node logs)")
     add_token.add_argument("--role", required=True, choices=auth.ROLES)
     add_token.set_defaults(func=cmd_add_token)
-
-    chaos = top.add_parser("chaos", help="a seeded fault schedule under load, then the checker")
-    chaos.add_argument("--duration", type=float, default=120.0, help="seconds of faults")
-    chaos.add_argument("--seed", type=int, required=True)
-    chaos.add_argument("--nodes", type=int, choices=(3, 5), default=3)
-    chaos.add_argument("--clients", type=int, default=4)
-    chaos.add_argument("--rate", type=float, default=60.0, help="sagas submitted per second")
-    chaos.add_argument(
-        "--dir", help="keep data and logs here (default: temporary, kept on failure)"
-    )
-    chaos.add_argument("--json", help="also write the verdict and summary to this file")
-    chaos.set_defaults(func=cmd_chaos)
-
-    travel = top.add_parser("travel", help="the travel-booking participants, for trying it out")
-    tsub = travel.add_subparsers(dest="command", required=True)
-    for name, func, text in [
-        ("up", cmd_travel_up, "start Hotel, Car, Flight and Payment; write travel.yaml"),
-        ("down", cmd_travel_down, "stop them"),
-    ]:
-        c = tsub.add_parser(name, help=text)
-        c.add_argument("--dir", default=DEFAULT_DIR)
-        c.set_defaults(func=func)
 
     saga = top.add_parser("saga", help="submit and follow sagas")
     ssub = saga.add_subparsers(dest="command", required=True)
@@ -526,7 +362,23 @@ def parser() -> argparse.ArgumentParser:
     resolve.add_argument("saga_id")
     resolve.add_argument("--vertex", required=True)
     resolve.add_argument("--reason", required=True)
+    for plugin in _plugins():
+        plugin(top, sub)
     return p
+
+
+def _plugins() -> list[Callable[..., None]]:
+    """Commands other packages add (`sagactl.commands` entry points: the test kit's
+    local clusters, travel participants and chaos), each called with the top-level
+    subparsers and the `cluster` group's. A plugin that fails to load is skipped with
+    a warning: the client commands still work."""
+    found = []
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            found.append(entry.load())
+        except Exception as exc:  # a broken or missing optional package
+            print(f"sagactl: commands {entry.name!r} unavailable: {exc}", file=sys.stderr)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cluster.launcher import LocalCluster
-from cluster.travel import TravelParticipants
+from cluster.testkit.launcher import LocalCluster
+from cluster.testkit.travel import TravelParticipants
 from sagalog.raft import RaftTiming
 
 

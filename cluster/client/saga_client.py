@@ -10,7 +10,7 @@ reads and waits themselves), so the client only needs to reach one node; it
 tries the others when one is unavailable. Submit and Run always send their own
 saga id, so a retry after a lost answer can never create a second saga: the
 cluster answers the retry with the saga the first try created. Waiting is pushed
-by the node (Run, Watch), never polled. `cluster.aioclient.AsyncSagaClient` has
+by the node (Run, Watch), never polled. `cluster.client.aio.AsyncSagaClient` has
 the same methods for asyncio code.
 """
 

@@ -15,10 +15,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cluster.checker import Verdict, check, collect
-from cluster.client import SagaClient
-from cluster.faults import FaultHarness
-from cluster.travel import travel_definition
+from cluster.client.saga_client import SagaClient
+from cluster.testkit.checker import Verdict, check, collect
+from cluster.testkit.faults import FaultHarness
+from cluster.testkit.travel import travel_definition
 
 REFUSE_MARK = "refuse"  # Car refuses sagas whose id holds this
 REFUSE_SHARE = 0.1

@@ -27,11 +27,9 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
 from cluster import auth as auth_mod
 from cluster.grpcutil import channel_to
+from cluster.localstate import STATE_FILE
 from cluster.tls import TlsFiles, dev_files, make_dev_certs
 from sagalog.raft import RaftTiming
-
-STATE_FILE = "cluster.json"
-
 
 # Ports this process handed out lately: the kernel may offer a port again as soon as
 # its probe socket is closed, before whoever got it binds it (a cluster's node and a
@@ -111,7 +109,7 @@ class NodeSpec:
 
 
 class LocalCluster:
-    program: tuple[str, ...] = ("-m", "cluster.node")  # what each node runs
+    program: tuple[str, ...] = ("-m", "cluster.runtime.node")  # what each node runs
 
     def __init__(
         self,
@@ -179,7 +177,7 @@ class LocalCluster:
             for i in range(nodes)
         }
         # With link_faults, each node reads Raft link faults from its own file
-        # (sagalog.raft.LinkFaults); cluster.faults writes them.
+        # (sagalog.raft.LinkFaults); cluster.testkit.faults writes them.
         self.fault_files = (
             {n: os.path.join(self.base_dir, f"{n}.faults.json") for n in self.specs}
             if link_faults

@@ -10,7 +10,7 @@ leadership; `sagalog.readindex`), waits until it has applied that index, and
 answers from its own store. The answer reflects every write acknowledged before
 the read began.
 
-Watch and Run are pushed, never polled (`cluster.push`): each record this node
+Watch and Run are pushed, never polled (`cluster.runtime.push`): each record this node
 applies wakes the streams of its saga. They run as coroutines on the gRPC event
 loop, so a node holds thousands of them without a thread each; the other
 methods run on the server's thread pool. Watch is served by whichever node is
@@ -38,8 +38,8 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2
 
 from cluster import auth
 from cluster.grpcutil import channel_to
-from cluster.push import AppliedFeed, Subscription
-from cluster.service import PROPOSE_ERROR_CODES, READ_INDEX_TIMEOUT_S
+from cluster.runtime.push import AppliedFeed, Subscription
+from cluster.runtime.service import PROPOSE_ERROR_CODES, READ_INDEX_TIMEOUT_S
 from cluster.tls import TlsFiles
 from coordinator import core
 from coordinator.view import SagaView

@@ -67,7 +67,7 @@ class NodeConfig:
     ended_retention_s: float = 7 * 24 * 3600
     """How long an ended saga keeps its records; then they are replaced by a
     tombstone (Get still answers, Submit stays idempotent). 0 keeps them forever.
-    See cluster.retention."""
+    See cluster.runtime.retention."""
     coordinator: bool = True
     """Run the Saga Execution Coordinator while this node leads. Off only to
     measure the log alone (bench/log_append.py): sagas are then logged, not run."""

@@ -1,0 +1,195 @@
+"""`sagactl` commands that start processes: local clusters, the travel
+participants, and chaos runs. `sagactl` finds them through the `sagactl.commands`
+entry point (pyproject.toml), so the client never imports the test kit.
+
+sagactl cluster up [--nodes 3|5] [--dir DIR]      start a local cluster in the background
+sagactl cluster down [--dir DIR]                  stop the local cluster's processes
+sagactl travel up|down [--dir DIR]                the four travel participants
+sagactl chaos --seed N [--duration S] [--nodes 3|5]   faults under load, then the checker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+
+from cluster.client.sagactl import DEFAULT_DIR, status_table
+from cluster.localstate import STATE_FILE
+from cluster.testkit.launcher import LocalCluster, load_state
+from cluster.testkit.travel import TravelParticipants, travel_definition
+
+
+def add_commands(top: Any, cluster: Any) -> None:
+    """Add `cluster up|down`, `travel` and `chaos` to sagactl's parser (`top`: its
+    subparsers; `cluster`: the `cluster` group's)."""
+    up = cluster.add_parser("up", help="start a local cluster on loopback, in the background")
+    up.add_argument("--nodes", type=int, choices=(3, 5), default=3)
+    up.add_argument("--dir", default=DEFAULT_DIR, help="data and logs (default %(default)s)")
+    up.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for a leader")
+    up.set_defaults(func=cmd_up)
+
+    down = cluster.add_parser("down", help="stop the local cluster")
+    down.add_argument("--dir", default=DEFAULT_DIR)
+    down.set_defaults(func=cmd_down)
+
+    chaos = top.add_parser("chaos", help="a seeded fault schedule under load, then the checker")
+    chaos.add_argument("--duration", type=float, default=120.0, help="seconds of faults")
+    chaos.add_argument("--seed", type=int, required=True)
+    chaos.add_argument("--nodes", type=int, choices=(3, 5), default=3)
+    chaos.add_argument("--clients", type=int, default=4)
+    chaos.add_argument("--rate", type=float, default=60.0, help="sagas submitted per second")
+    chaos.add_argument(
+        "--dir", help="keep data and logs here (default: temporary, kept on failure)"
+    )
+    chaos.add_argument("--json", help="also write the verdict and summary to this file")
+    chaos.set_defaults(func=cmd_chaos)
+
+    travel = top.add_parser("travel", help="the travel-booking participants, for trying it out")
+    tsub = travel.add_subparsers(dest="command", required=True)
+    for name, func, text in [
+        ("up", cmd_travel_up, "start Hotel, Car, Flight and Payment; write travel.yaml"),
+        ("down", cmd_travel_down, "stop them"),
+    ]:
+        c = tsub.add_parser(name, help=text)
+        c.add_argument("--dir", default=DEFAULT_DIR)
+        c.set_defaults(func=func)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if os.path.exists(os.path.join(args.dir, STATE_FILE)):
+        alive = [s for s in load_state(args.dir) if s.pid and _pid_alive(s.pid)]
+        if alive:
+            print(
+                f"sagactl: a cluster is already running in {args.dir!r} "
+                f"(pids {[s.pid for s in alive]}); `sagactl cluster down` first",
+                file=sys.stderr,
+            )
+            return 1
+    cluster = LocalCluster(args.dir, nodes=args.nodes)
+    started = time.monotonic()
+    cluster.start_all(detach=True)
+    try:
+        leader = cluster.wait_for_leader(timeout_s=args.timeout)
+    except TimeoutError as exc:
+        print(f"sagactl: {exc}\n{cluster.logs(20)}", file=sys.stderr)
+        return 1
+    print(
+        f"leader {leader.id} (term {leader.term}, epoch {leader.epoch}) elected in "
+        f"{time.monotonic() - started:.2f}s; data and logs in {cluster.base_dir}\n"
+    )
+    print(status_table([s.grpc_addr for s in cluster.specs.values()]))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    specs = load_state(args.dir)
+    for spec in specs:
+        if spec.pid and _pid_alive(spec.pid):
+            os.kill(spec.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for spec in specs:
+        while spec.pid and _pid_alive(spec.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if spec.pid and _pid_alive(spec.pid):
+            os.kill(spec.pid, signal.SIGKILL)
+    print(f"stopped {len(specs)} nodes")
+    return 0
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from cluster.testkit import chaos
+
+    base = args.dir or tempfile.mkdtemp(prefix=f"chaos-{args.seed}-")
+    verdict, summary = chaos.run(
+        base,
+        duration_s=args.duration,
+        seed=args.seed,
+        nodes=args.nodes,
+        clients=args.clients,
+        rate_per_s=args.rate,
+    )
+    print(verdict.report())
+    print("summary:")
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "ok": verdict.ok,
+                    "summary": summary,
+                    "counts": verdict.counts,
+                    "problems": verdict.problems,
+                },
+                f,
+                indent=2,
+            )
+    if verdict.ok and not args.dir:
+        shutil.rmtree(base, ignore_errors=True)
+    elif not verdict.ok:
+        print(f"data and logs kept in {base}")
+    return 0 if verdict.ok else 1
+
+
+TRAVEL_STATE = "travel.json"
+
+
+def cmd_travel_up(args: argparse.Namespace) -> int:
+    base = os.path.join(args.dir, "participants")
+    parts = TravelParticipants(base)
+    parts.start_all(detach=True)
+    try:
+        parts.wait_ready(timeout_s=15)
+    except Exception as exc:
+        parts.stop_all()
+        print(f"sagactl: participants did not start: {exc}", file=sys.stderr)
+        return 1
+    with open(os.path.join(args.dir, TRAVEL_STATE), "w") as f:
+        json.dump({n: parts.pid(n) for n in parts.services}, f)
+    definition = travel_definition(parts.endpoints)
+    path = os.path.join(args.dir, "travel.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(
+            json_format.MessageToDict(definition, preserving_proto_field_name=True),
+            f,
+            sort_keys=False,
+        )
+    for name, endpoint in parts.endpoints.items():
+        print(f"{name:8} {endpoint}  (data and log in {base})")
+    print(f"\nthe travel saga is in {path}:\n  sagactl saga submit {path} --watch")
+    return 0
+
+
+def cmd_travel_down(args: argparse.Namespace) -> int:
+    with open(os.path.join(args.dir, TRAVEL_STATE)) as f:
+        pids = json.load(f)
+    for pid in pids.values():
+        if pid and _pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    print(f"stopped {len(pids)} participants")
+    return 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (our own child not yet reaped) counts as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
