@@ -458,7 +458,7 @@ class Driver:
             parsed.ParseFromString(result)
             for identity, res in zip(identities, parsed.results, strict=False):
                 if res.verdict == log_pb2.REJECTED:
-                    if "stale epoch" in res.reason:
+                    if res.code == log_pb2.REJECT_STALE_EPOCH:
                         fenced = True
                     else:
                         log.warning("record %s rejected: %s", identity, res.reason)

@@ -40,6 +40,7 @@ from sagalog.definition import check_definition
 from sagalog.kv import KV
 from sagalog.transitions import (
     Phase,
+    Reject,
     SagaState,
     apply,
     decide,
@@ -190,7 +191,10 @@ class SagaLog:
         if version == self._format:
             return log_pb2.RecordResult(verdict=DUPLICATE)
         if version < self._format:
-            return _reject(f"LogFormat {version}: the log is at format {self._format} already")
+            return _reject(
+                f"LogFormat {version}: the log is at format {self._format} already",
+                Reject.OUT_OF_ORDER,
+            )
         self._format = version
         ops.append((FORMAT_KEY, _u64(version)))
         return log_pb2.RecordResult(verdict=ACCEPTED)
@@ -203,10 +207,13 @@ class SagaLog:
             return log_pb2.RecordResult(verdict=DUPLICATE), current
         if new.number <= current.number:
             return _reject(
-                f"Epoch {new.number}: not newer than the current epoch {current.number}"
+                f"Epoch {new.number}: not newer than the current epoch {current.number}",
+                Reject.STALE_EPOCH,  # another leader took office first
             ), current
         if self._format >= STRICT_FORMAT and new.number != current.number + 1:
-            return _reject(f"Epoch {new.number}: the next epoch is {current.number + 1}"), current
+            return _reject(
+                f"Epoch {new.number}: the next epoch is {current.number + 1}", Reject.STALE_EPOCH
+            ), current
         if record.epoch != new.number:
             return _reject(
                 f"Epoch {new.number}: the record's epoch field says {record.epoch}"
@@ -241,7 +248,8 @@ class SagaLog:
             return _reject(
                 f"Member {node_id}: registered with incarnation {known.hex()}, not "
                 f"{incarnation.hex()}: its data directory was wiped or replaced. "
-                f"Run `sagactl cluster forget-node --id {node_id}` before re-adding it"
+                f"Run `sagactl cluster forget-node --id {node_id}` before re-adding it",
+                Reject.CONFLICT,
             )
         changes[node_id] = incarnation
         ops.append((NODES + node_id.encode(), incarnation))
@@ -272,12 +280,16 @@ class SagaLog:
         # Fencing: a deposed leader's records are refused once a newer epoch committed.
         if record.epoch < epoch:
             return _reject(
-                f"stale epoch {record.epoch}: epoch {epoch} has taken office (fenced)"
+                f"stale epoch {record.epoch}: epoch {epoch} has taken office (fenced)",
+                Reject.STALE_EPOCH,
             ), next_saga
         if record.epoch > epoch:
-            return _reject(f"epoch {record.epoch} was never committed (current {epoch})"), next_saga
+            return _reject(
+                f"epoch {record.epoch} was never committed (current {epoch})", Reject.STALE_EPOCH
+            ), next_saga
         if not decision.accepted:
-            return _reject(decision.reason), next_saga
+            assert decision.code is not None, decision
+            return _reject(decision.reason, decision.code), next_saga
         if saga.state.phase is Phase.NEW:
             saga.number = next_saga
             next_saga += 1
@@ -501,5 +513,5 @@ def _tombstone_state(stone: log_pb2.Tombstone) -> SagaState:
     return purged_state(stone.start_fingerprint, codec.OUTCOMES[stone.outcome], stone.records)
 
 
-def _reject(reason: str) -> log_pb2.RecordResult:
-    return log_pb2.RecordResult(verdict=REJECTED, reason=reason)
+def _reject(reason: str, code: Reject = Reject.INVALID) -> log_pb2.RecordResult:
+    return log_pb2.RecordResult(verdict=REJECTED, reason=reason, code=int(code))

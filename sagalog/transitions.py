@@ -215,11 +215,26 @@ class SagaState:
         )
 
 
+class Reject(enum.IntEnum):
+    """Why a record is refused, for programs (`reason` is for people). The numbers
+    are `saga.v1.RejectCode`'s."""
+
+    CONFLICT = 1  # a different record with the same identity is logged
+    STALE_EPOCH = 2  # not the epoch in office (decided by the log, not these rules)
+    OUT_OF_ORDER = 3  # the saga's state does not allow it now
+    INVALID = 4  # malformed for this saga (its DAG, an unknown vertex, an outcome)
+
+
 @dataclass(frozen=True)
 class Decision:
     accepted: bool
     duplicate_of: int | None = None  # seq of the identical record already logged
     reason: str = ""
+    code: Reject | None = None  # set when refused
+
+
+def _refused(code: Reject, reason: str) -> Decision:
+    return Decision(False, reason=reason, code=code)
 
 
 def _fingerprint(content: bytes) -> bytes:
@@ -253,13 +268,15 @@ def decide(state: SagaState, event: Event) -> Decision:
         fingerprint, seq = seen
         if fingerprint == _fingerprint(event.content):
             return Decision(accepted=False, duplicate_of=seq)
-        return Decision(
-            accepted=False,
-            reason=f"conflict: a different {event.kind.value} record"
+        return _refused(
+            Reject.CONFLICT,
+            f"conflict: a different {event.kind.value} record"
             f"{_of(event)} is already logged at position {seq}",
         )
     if (state.phase, event.kind) not in SAGA_TABLE:
-        return Decision(False, reason=f"{event.kind.value}{_of(event)}: {SAGA_REJECT[state.phase]}")
+        return _refused(
+            Reject.OUT_OF_ORDER, f"{event.kind.value}{_of(event)}: {SAGA_REJECT[state.phase]}"
+        )
     if event.kind is Kind.START_SAGA:
         return _check_dag(event)
     if event.kind is Kind.ABORT_SAGA:
@@ -268,7 +285,7 @@ def decide(state: SagaState, event: Event) -> Decision:
         return _check_end(state, event)
     vertex = state.vertices.get(event.vertex)
     if vertex is None:
-        return Decision(False, reason=f"{event.kind.value}: unknown vertex {event.vertex!r}")
+        return _refused(Reject.INVALID, f"{event.kind.value}: unknown vertex {event.vertex!r}")
     if event.kind in REQUEST_KINDS:
         return _check_request(state, vertex, event)
     return _check_compensation(state, vertex, event)
@@ -317,12 +334,12 @@ def _of(event: Event) -> str:
 def _check_dag(event: Event) -> Decision:
     dag = event.dag or {}
     if not dag:
-        return Decision(False, reason="StartSaga: the definition has no vertices")
+        return _refused(Reject.INVALID, "StartSaga: the definition has no vertices")
     for name, deps in dag.items():
         for dep in deps:
             if dep not in dag:
-                return Decision(
-                    False, reason=f"StartSaga: vertex {name!r} depends on unknown {dep!r}"
+                return _refused(
+                    Reject.INVALID, f"StartSaga: vertex {name!r} depends on unknown {dep!r}"
                 )
     # Kahn's algorithm: a cycle leaves vertices that never reach in-degree zero.
     indegree = {name: len(deps) for name, deps in dag.items()}
@@ -341,64 +358,75 @@ def _check_dag(event: Event) -> Decision:
                 ready.append(child)
     if visited != len(dag):
         cyclic = sorted(name for name, n in indegree.items() if n > 0)
-        return Decision(False, reason=f"StartSaga: the dependencies form a cycle through {cyclic}")
+        return _refused(
+            Reject.INVALID, f"StartSaga: the dependencies form a cycle through {cyclic}"
+        )
     return Decision(True)
 
 
 def _check_end(state: SagaState, event: Event) -> Decision:
     if event.outcome is Outcome.COMPLETED:
         if state.phase is not Phase.RUNNING:
-            return Decision(False, reason="EndSaga(COMPLETED): the saga is aborting")
+            return _refused(Reject.OUT_OF_ORDER, "EndSaga(COMPLETED): the saga is aborting")
         pending = sorted(n for n, v in state.vertices.items() if v.req is not Req.DONE)
         if pending:
-            return Decision(False, reason=f"EndSaga(COMPLETED): requests not done: {pending}")
+            return _refused(
+                Reject.OUT_OF_ORDER, f"EndSaga(COMPLETED): requests not done: {pending}"
+            )
         return Decision(True)
     if event.outcome is Outcome.ABORTED:
         if state.phase is not Phase.ABORTING:
-            return Decision(
-                False, reason="EndSaga(ABORTED): the saga was not aborted (no AbortSaga)"
+            return _refused(
+                Reject.OUT_OF_ORDER, "EndSaga(ABORTED): the saga was not aborted (no AbortSaga)"
             )
         open_ = sorted(
             n for n, v in state.vertices.items() if started(v) and v.comp is not Comp.DONE
         )
         if open_:
-            return Decision(
-                False, reason=f"EndSaga(ABORTED): started vertices not compensated: {open_}"
+            return _refused(
+                Reject.OUT_OF_ORDER, f"EndSaga(ABORTED): started vertices not compensated: {open_}"
             )
         return Decision(True)
-    return Decision(False, reason="EndSaga: the outcome must be COMPLETED or ABORTED")
+    return _refused(Reject.INVALID, "EndSaga: the outcome must be COMPLETED or ABORTED")
 
 
 def _check_request(state: SagaState, vertex: VertexState, event: Event) -> Decision:
     name = event.vertex
     if (vertex.req, event.kind) not in REQ_TABLE:
-        return Decision(False, reason=f"{event.kind.value}({name}): {REQ_REJECT[vertex.req]}")
+        return _refused(
+            Reject.OUT_OF_ORDER, f"{event.kind.value}({name}): {REQ_REJECT[vertex.req]}"
+        )
     if event.kind is Kind.START_T:
         if event.attempt != vertex.req_attempt + 1:
-            return Decision(
-                False,
-                reason=f"StartT({name}): attempt {event.attempt} does not follow "
+            return _refused(
+                Reject.OUT_OF_ORDER,
+                f"StartT({name}): attempt {event.attempt} does not follow "
                 f"attempt {vertex.req_attempt}",
             )
         waiting = [d for d in state.deps[name] if state.vertices[d].req is not Req.DONE]
         if waiting:
-            return Decision(False, reason=f"StartT({name}): dependencies not done: {waiting}")
+            return _refused(
+                Reject.OUT_OF_ORDER, f"StartT({name}): dependencies not done: {waiting}"
+            )
     return Decision(True)
 
 
 def _check_compensation(state: SagaState, vertex: VertexState, event: Event) -> Decision:
     name = event.vertex
     if not started(vertex):
-        return Decision(
-            False, reason=f"{event.kind.value}({name}): the request was never started (no StartT)"
+        return _refused(
+            Reject.OUT_OF_ORDER,
+            f"{event.kind.value}({name}): the request was never started (no StartT)",
         )
     if (vertex.comp, event.kind) not in COMP_TABLE:
-        return Decision(False, reason=f"{event.kind.value}({name}): {COMP_REJECT[vertex.comp]}")
+        return _refused(
+            Reject.OUT_OF_ORDER, f"{event.kind.value}({name}): {COMP_REJECT[vertex.comp]}"
+        )
     if event.kind is Kind.START_C:
         if event.attempt != vertex.comp_attempt + 1:
-            return Decision(
-                False,
-                reason=f"StartC({name}): attempt {event.attempt} does not follow "
+            return _refused(
+                Reject.OUT_OF_ORDER,
+                f"StartC({name}): attempt {event.attempt} does not follow "
                 f"attempt {vertex.comp_attempt}",
             )
         blocking = [
@@ -407,7 +435,8 @@ def _check_compensation(state: SagaState, vertex: VertexState, event: Event) -> 
             if started(state.vertices[d]) and state.vertices[d].comp is not Comp.DONE
         ]
         if blocking:
-            return Decision(
-                False, reason=f"StartC({name}): started dependents not yet compensated: {blocking}"
+            return _refused(
+                Reject.OUT_OF_ORDER,
+                f"StartC({name}): started dependents not yet compensated: {blocking}",
             )
     return Decision(True)

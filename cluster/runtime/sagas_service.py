@@ -38,8 +38,9 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2
 
 from cluster import auth
 from cluster.grpcutil import channel_to
+from cluster.runtime import statuses
 from cluster.runtime.push import AppliedFeed, Subscription
-from cluster.runtime.service import PROPOSE_ERROR_CODES, READ_INDEX_TIMEOUT_S
+from cluster.runtime.service import READ_INDEX_TIMEOUT_S
 from cluster.tls import TlsFiles
 from coordinator import core
 from coordinator.view import SagaView
@@ -73,7 +74,6 @@ READ_APPLY_TIMEOUT_S = 5.0  # a node this far behind the read index answers UNAV
 # or an applied record waited for it, or the age of the oldest record waiting to
 # be proposed: `Driver.lag_s`).
 MAX_COORDINATOR_LAG_S = 0.5
-_PROPOSE_CODES_KEPT = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 class NodeView(Protocol):
@@ -288,12 +288,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         try:
             return proposer.propose(codec.encode_batch(records), WRITE_TIMEOUT_S)
         except ProposeError as exc:
-            # The Cluster service's codes where they say "retry later" or "never
-            # retry this"; anything else is UNAVAILABLE here (the client retries it).
-            code = PROPOSE_ERROR_CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE)
-            if code not in _PROPOSE_CODES_KEPT:
-                code = grpc.StatusCode.UNAVAILABLE
-            raise Refusal(code, str(exc)) from None
+            raise Refusal(statuses.propose_failed(exc.code, for_clients=True), str(exc)) from None
 
     def _linearize(self, call: Call) -> None:
         """Return once this node's store reflects every write acknowledged before
@@ -439,16 +434,14 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             return sagas_pb2.SubmitReply(saga_id=saga_id, created=True)
         if result.verdict == log_pb2.DUPLICATE:
             return sagas_pb2.SubmitReply(saga_id=saga_id, created=False)
-        if "conflict" in result.reason:
+        if result.code == log_pb2.REJECT_CONFLICT:
             raise Refusal(
-                grpc.StatusCode.ALREADY_EXISTS,
+                statuses.rejected(result),
                 f"saga {saga_id!r} already exists with a different definition or payload",
             )
-        if "stale epoch" in result.reason:
-            raise Refusal(
-                grpc.StatusCode.UNAVAILABLE, f"leadership changed; retry ({result.reason})"
-            )
-        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, result.reason)
+        if result.code == log_pb2.REJECT_STALE_EPOCH:
+            raise Refusal(statuses.rejected(result), f"leadership changed; retry ({result.reason})")
+        raise Refusal(statuses.rejected(result), result.reason)
 
     async def Submit(self, request: Any, context: Any) -> sagas_pb2.SubmitReply:
         try:
@@ -477,13 +470,9 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         reason = codec_text(request.reason or "aborted by a user")
         record = rec.abort_saga(request.saga_id, epoch, reason, int(time.time() * 1000))
         result = self._propose([record]).results[0]
-        if result.verdict == log_pb2.REJECTED and "conflict" not in result.reason:
-            code = (
-                grpc.StatusCode.UNAVAILABLE
-                if "stale epoch" in result.reason
-                else grpc.StatusCode.FAILED_PRECONDITION
-            )
-            raise Refusal(code, result.reason)
+        # A conflict is another AbortSaga already logged: aborted, as asked.
+        if result.verdict == log_pb2.REJECTED and result.code != log_pb2.REJECT_CONFLICT:
+            raise Refusal(statuses.rejected(result), result.reason)
         return sagas_pb2.AbortReply()
 
     @_answers
@@ -515,7 +504,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         )
         result = self._propose([record]).results[0]
         if result.verdict == log_pb2.REJECTED:
-            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, result.reason)
+            raise Refusal(statuses.rejected(result), result.reason)
         return sagas_pb2.ResolveReply()
 
     # ---- reads -----------------------------------------------------------------------

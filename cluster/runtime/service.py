@@ -1,4 +1,4 @@
-"""The `Cluster` gRPC service, and the one table from our errors to gRPC codes."""
+"""The `Cluster` gRPC service (operators: status, membership, raw proposals)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,13 @@ from typing import Any
 import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2
 
+from cluster.runtime import statuses
 from cluster.runtime.config import NodeConfig
 from sagalog import codec
 from sagalog import records as rec
 from sagalog.proposer import ProposeError, Proposer
 from sagalog.raft import SagaLogRaft
 from sagalog.readindex import ReadRefused
-
-# ProposeError.code -> gRPC status. One table: callers decide retries from the code.
-PROPOSE_ERROR_CODES = {
-    "OVERLOADED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "QUEUE_FULL": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "TIMEOUT": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "MISSING_LEADER": grpc.StatusCode.UNAVAILABLE,
-    "NOT_LEADER": grpc.StatusCode.UNAVAILABLE,
-    "LEADER_CHANGED": grpc.StatusCode.UNAVAILABLE,
-    "DISCARDED": grpc.StatusCode.UNAVAILABLE,
-    "UNKNOWN_OUTCOME": grpc.StatusCode.UNAVAILABLE,
-    "REQUEST_DENIED": grpc.StatusCode.FAILED_PRECONDITION,
-    "TOO_LARGE": grpc.StatusCode.INVALID_ARGUMENT,
-}
 
 MAX_PROPOSE_TIMEOUT_MS = 60_000
 # A leader confirms its leadership within a heartbeat round (milliseconds); one
@@ -211,5 +198,5 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         try:
             return proposer.propose(batch, timeout_s)
         except ProposeError as exc:
-            context.abort(PROPOSE_ERROR_CODES.get(exc.code, grpc.StatusCode.UNAVAILABLE), str(exc))
+            context.abort(statuses.propose_failed(exc.code), str(exc))
             raise  # unreachable: abort raises

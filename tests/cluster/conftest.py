@@ -44,7 +44,7 @@ class Harness:
                 records, via=self.addrs[via] if via else None, deadline_s=deadline_s
             )
             assert not result.error, result.error
-            fenced = [r for r in result.results if "stale epoch" in r.reason]
+            fenced = [r for r in result.results if r.code == log_pb2.REJECT_STALE_EPOCH]
             if fenced and time.monotonic() < deadline:
                 continue
             verdicts = {r.verdict for r in result.results}

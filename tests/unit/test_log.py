@@ -105,7 +105,7 @@ def test_start_saga_with_another_payload_under_the_same_id_is_a_conflict() -> No
     apply_records(log, 2, rec.start_saga("s1", 1, DEF, b"p"))
     result = apply_records(log, 3, rec.start_saga("s1", 1, DEF, b"other"))
     assert result.results[0].verdict == log_pb2.REJECTED
-    assert "conflict" in result.results[0].reason
+    assert result.results[0].code == log_pb2.REJECT_CONFLICT
 
 
 def test_fencing_rejects_records_of_an_older_epoch() -> None:
@@ -115,6 +115,7 @@ def test_fencing_rejects_records_of_an_older_epoch() -> None:
     stale = apply_records(log, 4, rec.start_t("s1", 1, "hotel", 1))
     assert stale.results[0].verdict == log_pb2.REJECTED
     assert "fenced" in stale.results[0].reason
+    assert stale.results[0].code == log_pb2.REJECT_STALE_EPOCH
     future = apply_records(log, 5, rec.start_t("s1", 3, "hotel", 1))
     assert "never committed" in future.results[0].reason
     ok = apply_records(log, 6, rec.start_t("s1", 2, "hotel", 1))
@@ -378,7 +379,8 @@ def test_a_purged_saga_is_still_known_to_the_rules() -> None:
         )
         assert verdicts(result) == [log_pb2.DUPLICATE, log_pb2.REJECTED, log_pb2.REJECTED]
         assert result.results[0].seq == 0
-        assert "conflict" in result.results[1].reason
+        assert result.results[1].code == log_pb2.REJECT_CONFLICT
+        assert result.results[2].code == log_pb2.REJECT_OUT_OF_ORDER  # its saga was refused
         assert log.records("s1") == []
 
 

@@ -7,6 +7,7 @@ import itertools
 import pathlib
 
 import pytest
+from saga.v1 import log_pb2
 
 from sagalog.transitions import (
     COMP_TABLE,
@@ -17,6 +18,7 @@ from sagalog.transitions import (
     Kind,
     Outcome,
     Phase,
+    Reject,
     Req,
     SagaState,
     apply,
@@ -214,7 +216,22 @@ def test_same_record_twice_is_a_duplicate_with_the_first_position() -> None:
 def test_different_record_same_identity_is_a_conflict() -> None:
     state = run(START)
     d = decide(state, ev(Kind.START_SAGA, tag="other definition"))
-    assert not d.accepted and d.duplicate_of is None and "conflict" in d.reason
+    assert not d.accepted and d.duplicate_of is None and d.code is Reject.CONFLICT
+
+
+def test_refusals_carry_a_code_for_programs() -> None:
+    state = run(START)
+    assert decide(state, ev(Kind.END_T, "a")).code is Reject.OUT_OF_ORDER  # never started
+    assert decide(state, ev(Kind.START_T, "nowhere", 1)).code is Reject.INVALID
+    assert decide(state, ev(Kind.START_T, "a", 1)).code is None  # accepted
+
+
+def test_reject_codes_are_the_protos() -> None:
+    assert {r.name: r.value for r in Reject} == {
+        name.removeprefix("REJECT_"): number
+        for name, number in log_pb2.RejectCode.items()
+        if number
+    }
 
 
 def test_duplicate_recognised_after_the_saga_ended() -> None:

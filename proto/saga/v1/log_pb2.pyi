@@ -25,6 +25,14 @@ class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACCEPTED: _ClassVar[Verdict]
     DUPLICATE: _ClassVar[Verdict]
     REJECTED: _ClassVar[Verdict]
+
+class RejectCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REJECT_UNSPECIFIED: _ClassVar[RejectCode]
+    REJECT_CONFLICT: _ClassVar[RejectCode]
+    REJECT_STALE_EPOCH: _ClassVar[RejectCode]
+    REJECT_OUT_OF_ORDER: _ClassVar[RejectCode]
+    REJECT_INVALID: _ClassVar[RejectCode]
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_COMPLETED: Outcome
 OUTCOME_ABORTED: Outcome
@@ -35,6 +43,11 @@ VERDICT_UNSPECIFIED: Verdict
 ACCEPTED: Verdict
 DUPLICATE: Verdict
 REJECTED: Verdict
+REJECT_UNSPECIFIED: RejectCode
+REJECT_CONFLICT: RejectCode
+REJECT_STALE_EPOCH: RejectCode
+REJECT_OUT_OF_ORDER: RejectCode
+REJECT_INVALID: RejectCode
 
 class Backoff(_message.Message):
     __slots__ = ("initial_ms", "max_ms", "multiplier")
@@ -247,16 +260,18 @@ class RecordBatch(_message.Message):
     def __init__(self, version: _Optional[int] = ..., records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ...) -> None: ...
 
 class RecordResult(_message.Message):
-    __slots__ = ("verdict", "reason", "seq", "purged")
+    __slots__ = ("verdict", "reason", "seq", "purged", "code")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     PURGED_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     verdict: Verdict
     reason: str
     seq: int
     purged: int
-    def __init__(self, verdict: _Optional[_Union[Verdict, str]] = ..., reason: _Optional[str] = ..., seq: _Optional[int] = ..., purged: _Optional[int] = ...) -> None: ...
+    code: RejectCode
+    def __init__(self, verdict: _Optional[_Union[Verdict, str]] = ..., reason: _Optional[str] = ..., seq: _Optional[int] = ..., purged: _Optional[int] = ..., code: _Optional[_Union[RejectCode, str]] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("results", "error", "raft_index")
