@@ -19,7 +19,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from saga.v1 import participant_pb2, participant_pb2_grpc
@@ -47,7 +47,29 @@ def unreachable(vertex: str, code: str) -> str:
     return f"{code}: participant {vertex!r} could not be reached"
 
 
+AnswerFn = Callable[[core.Reply], None]
+
+
+class ParticipantTransport(Protocol):
+    """How the driver calls participants: `send` starts a call and returns at once;
+    `answer` later gets the participant's reply or the transport failure (on any
+    thread: the driver's answer only posts to its queue)."""
+
+    def send(
+        self,
+        endpoint: str,
+        request: participant_pb2.StepRequest,
+        compensation: bool,
+        timeout_s: float,
+        answer: AnswerFn,
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ParticipantCalls:
+    """The gRPC transport."""
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop | None = None,

@@ -18,10 +18,8 @@ when told (leadership lost) and ignores whatever arrives afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
-import os
 import queue
 import threading
 import time
@@ -30,13 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from pysyncobj import FAIL_REASON
 from saga.v1 import log_pb2
 
 from coordinator import core
 from coordinator.admission import AdmissionLimit
-from coordinator.calls import ParticipantCalls
+from coordinator.calls import ParticipantCalls, ParticipantTransport
+from coordinator.lease import Lease
 from coordinator.view import SagaView
 from sagalog import codec
 from sagalog.transitions import Phase
@@ -86,8 +84,9 @@ def _identity(record: log_pb2.Record) -> tuple:
 class Driver:
     """Drives every in-flight saga while this node is in office under `epoch`.
 
-    `raft` needs `apply_batch(bytes, callback=...)` and `reading()`; `now_ms`
-    is the clock (an input, so tests can drive time)."""
+    `raft` needs `apply_batch(bytes, callback=...)` and `reading()`; `participants`
+    is the transport (`coordinator.calls`; gRPC by default). The clocks are inputs,
+    so tests drive time: `now_ms` stamps records, `monotonic` measures waits."""
 
     def __init__(
         self,
@@ -98,13 +97,19 @@ class Driver:
         on_fenced: Callable[[], None] | None = None,
         lease_s: float = 0.2,
         in_office: Callable[[], bool] | None = None,
-        participant_credentials: grpc.ChannelCredentials | None = None,  # None: plaintext
-        call_loop: asyncio.AbstractEventLoop | None = None,  # see coordinator.calls
+        participants: ParticipantTransport | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._raft = raft
-        self._participants = ParticipantCalls(call_loop, participant_credentials)
-        self._lease_s = lease_s  # see _leading
-        self._in_office = in_office
+        self._participants = participants if participants is not None else ParticipantCalls()
+        self._monotonic = monotonic
+        self.lease = Lease(
+            lease_s,
+            monotonic,
+            self._send_barrier,
+            getattr(raft, "majority_heard_within", None),
+            in_office,
+        )
         self.epoch = epoch
         self.node_id = node_id
         self._now_ms = now_ms
@@ -136,21 +141,10 @@ class Driver:
         # (since when, adopted, to read): the in-flight sagas this term picks up, logged
         # once all are loaded and re-planned (what a failover costs after the election).
         self._resuming: tuple[float, int, int] | None = None
-        # Testing aid: SAGA_CRASH_POINT=before_request|before_end_t|mid_compensation
-        # makes this process die (as by SIGKILL) the first time it reaches that point.
-        self._crash_point = os.environ.get("SAGA_CRASH_POINT", "")
-        # Pause detection (see _leading): when this thread last checked the clock,
-        # and whether leadership was confirmed by a commit since the last gap.
-        self._last_seen = time.monotonic()
-        self._confirmed = True  # the node just committed its Epoch
-        # Pauses detected so far. Only a confirmation commit sent after the latest
-        # one counts: one that committed before a pause proves nothing after it.
-        self._pauses = 0
-        self._barrier: tuple[float, int] | None = None  # (sent at, pauses) in flight
         self.stats = {"proposals": 0, "records": 0, "calls": 0, "replies": 0}
         # How many sagas may be in flight (Submit asks), from the latency of the
         # sagas started in this driver's term (older ones' latency holds the failover).
-        self.admission = AdmissionLimit(time.monotonic())
+        self.admission = AdmissionLimit(monotonic())
         self._started_ms = now_ms()
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -191,13 +185,13 @@ class Driver:
         applied record) waited in the last turn, or the age of the oldest record
         waiting to be proposed. Submit refuses new sagas while it is high."""
         try:  # read from gRPC threads while the driver's thread changes the outbox
-            outbox_age = time.monotonic() - self._outbox[0][2]
+            outbox_age = self._monotonic() - self._outbox[0][2]
         except IndexError:
             outbox_age = 0.0
         return max(self._event_lag_s, outbox_age)
 
     def _post(self, event: tuple) -> None:
-        self._events.put((time.monotonic(), event))
+        self._events.put((self._monotonic(), event))
 
     # ---- inputs (any thread) ---------------------------------------------------------
 
@@ -210,7 +204,7 @@ class Driver:
 
     def _loop(self) -> None:
         try:
-            started = time.monotonic()
+            started = self._monotonic()
             self._sweep()
             self._resuming = (started, len(self._runs), len(self._to_load))
             while not self._stop.is_set():
@@ -222,11 +216,11 @@ class Driver:
     def _turn(self) -> None:
         timeout = 0.0 if self._backlog else TURN_WAIT_S
         if self._timers:
-            timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
+            timeout = max(0.0, min(timeout, self._timers[0][0] - self._monotonic()))
         lag = 0.0
         try:
             posted, event = self._events.get(timeout=timeout)
-            lag = time.monotonic() - posted  # the oldest event of this turn
+            lag = self._monotonic() - posted  # the oldest event of this turn
             self._handle(event)
             while True:  # drain: everything that arrived goes into this turn
                 self._handle(self._events.get_nowait()[1])
@@ -235,10 +229,8 @@ class Driver:
         self._event_lag_s = lag
         if self._stop.is_set():
             return
-        now = time.monotonic()
-        # Waiting for events is not a pause; anything longer than the wait is.
-        if now - self._last_seen <= timeout + self._lease_s:
-            self._last_seen = now
+        now = self._monotonic()
+        self.lease.waited(now, timeout)
         while self._timers and self._timers[0][0] <= now:
             _, _, saga_id, call = heapq.heappop(self._timers)
             self._retry(saga_id, call)
@@ -252,8 +244,8 @@ class Driver:
                 self._load(saga_id)
                 # 500 loads took 250 ms here: longer than the lease, so without a
                 # reading of the clock between them the turn looked like a pause
-                # and every call waited for a confirmation commit (see _leading).
-                self._read_clock()
+                # and every call waited for a confirmation commit (see Lease).
+                self.lease.read_clock()
         now_ms = self._now_ms()
         self._backlog = bool(self._to_load) or len(self._dirty) > MAX_ADVANCE_PER_TURN
         for saga_id in _take(self._dirty, MAX_ADVANCE_PER_TURN):
@@ -271,7 +263,7 @@ class Driver:
                 warm + loaded,
                 warm,
                 loaded,
-                (time.monotonic() - since) * 1000,
+                (self._monotonic() - since) * 1000,
                 self.stats["calls"],
             )
 
@@ -284,11 +276,8 @@ class Driver:
             self._reply(event[1], event[2], event[3], event[4])
         elif kind == "proposed":
             self._proposed(event[1], event[2], event[3])
-        elif kind == "confirmed":
-            reason, pauses = event[1], event[2]
-            if pauses == self._pauses:
-                self._barrier = None
-                self._confirmed = reason == FAIL_REASON.SUCCESS
+        elif kind == "barrier":
+            self.lease.on_barrier(event[1] == FAIL_REASON.SUCCESS, event[2])
 
     # ---- folding the log -------------------------------------------------------------
 
@@ -329,7 +318,7 @@ class Driver:
 
     def _unblock(self) -> None:
         free = MAX_CALLS_IN_FLIGHT - self._calls_in_flight
-        if not self._blocked or free <= 0 or not self._leading():
+        if not self._blocked or free <= 0 or not self.lease.may_act():
             return
         for saga_id in _take(self._blocked, free):
             self._touch(saga_id)
@@ -341,7 +330,7 @@ class Driver:
         with self._raft.reading() as saga_log:
             in_flight = set(saga_log.in_flight())
         interval = max(SWEEP_INTERVAL_S, len(in_flight) / SWEEP_SAGAS_PER_S)
-        self._next_sweep = time.monotonic() + interval
+        self._next_sweep = self._monotonic() + interval
         for saga_id in in_flight - self._runs.keys():
             self._to_load[saga_id] = None
         for saga_id, run in list(self._runs.items()):
@@ -370,12 +359,7 @@ class Driver:
             identity = _identity(record)
             if identity not in run.pending:
                 run.pending[identity] = record
-                self._outbox.append((record, identity, time.monotonic()))
-
-    def _maybe_crash(self, point: str) -> None:
-        if self._crash_point == point:
-            log.critical("crash point %s reached: exiting as if killed", point)
-            os._exit(137)
+                self._outbox.append((record, identity, self._monotonic()))
 
     def _reply(self, saga_id: str, call: core.Call, reply: core.Reply, endpoint: str) -> None:
         self._calls_in_flight -= 1
@@ -394,13 +378,11 @@ class Driver:
             return
         run.calls.discard(call)
         response = core.on_reply(run.view, call, reply, self.epoch, self._now_ms())
-        if reply.ok and not call.compensation:
-            self._maybe_crash("before_end_t")
         self._propose(run, response.records)
         if response.retry_after_ms is not None:
             run.waiting.add(call)
             self._timer_seq += 1
-            due = time.monotonic() + response.retry_after_ms / 1000
+            due = self._monotonic() + response.retry_after_ms / 1000
             heapq.heappush(self._timers, (due, self._timer_seq, saga_id, call))
         else:
             # Re-plan in this turn: what follows the reply's records (the StartT they
@@ -424,7 +406,7 @@ class Driver:
     # ---- IO: proposals ---------------------------------------------------------------
 
     def _flush(self) -> None:
-        if self._outbox and not self._leading():
+        if self._outbox and not self.lease.may_act():
             return  # kept; proposed once in office again, or dropped when stopped
         while self._outbox and len(self._proposals) < MAX_PROPOSALS_IN_FLIGHT:
             count, size = 0, 0
@@ -438,7 +420,7 @@ class Driver:
             del self._outbox[:count]
             self._proposal_seq += 1
             pid = self._proposal_seq
-            self._proposals[pid] = (time.monotonic() + PROPOSAL_DEADLINE_S, identities)
+            self._proposals[pid] = (self._monotonic() + PROPOSAL_DEADLINE_S, identities)
             self.stats["proposals"] += 1
             self.stats["records"] += len(batch)
 
@@ -486,55 +468,18 @@ class Driver:
 
     # ---- IO: participant calls -------------------------------------------------------
 
-    def _leading(self) -> bool:
-        """May this driver act for its epoch now? Checked before every participant
-        call and every proposal.
-
-        In office, and a majority answered recently (the lease). The lease alone
-        is fooled by a pause (SIGSTOP, a long GC or swap): on resuming, the Raft
-        thread may first read answers that were queued during the pause, which
-        look fresh. So a gap in this thread's own clock readings longer than the
-        lease withdraws the permission until a commit (an empty entry) proves that
-        no newer leader exists."""
-        self._read_clock()
-        if not self._confirmed:
-            self._confirm()
-            return False
-        if self._in_office is not None and not self._in_office():
-            return False
-        check = getattr(self._raft, "majority_heard_within", None)
-        return check is None or bool(check(self._lease_s))
-
-    def _read_clock(self) -> None:
-        """Note a reading of this thread's clock: a gap since the last one longer
-        than the lease is a pause, and withdraws the permission to act."""
-        now = time.monotonic()
-        if now - self._last_seen > self._lease_s:
-            self._confirmed = False
-            self._pauses += 1
-        self._last_seen = now
-
-    def _confirm(self) -> None:
-        """Commit an empty entry; its callback restores the permission to act. A
-        lost callback is replaced after the proposal deadline."""
-        now = time.monotonic()
-        pauses = self._pauses
-        if self._barrier is not None:
-            sent_at, sent_after = self._barrier
-            if sent_after == pauses and now - sent_at < PROPOSAL_DEADLINE_S:
-                return
-        self._barrier = (now, pauses)
+    def _send_barrier(self, pauses: int) -> None:
+        """Commit an empty entry for the lease (see coordinator.lease)."""
 
         def done(result: Any, reason: int) -> None:
-            self._post(("confirmed", reason, pauses))
+            self._post(("barrier", reason, pauses))
 
         self._raft.apply_batch(codec.encode_batch([]), callback=done)
 
     def _call(self, run: _Run, call: core.Call) -> None:
-        if self._calls_in_flight >= MAX_CALLS_IN_FLIGHT or not self._leading():
+        if self._calls_in_flight >= MAX_CALLS_IN_FLIGHT or not self.lease.may_act():
             self._blocked[run.view.saga_id] = None
             return
-        self._maybe_crash("mid_compensation" if call.compensation else "before_request")
         view = run.view
         vertex = view.vertices[call.vertex]
         endpoint = vertex.endpoint
@@ -543,9 +488,9 @@ class Driver:
             return
         request = core.step_request(view, call, self.epoch)
         request.sent_unix_ms = self._now_ms()  # lets a checker tell sent-late from delivered-late
-        if time.monotonic() - self._last_seen > self._lease_s:
-            # Paused between `_leading` and here: the stamp above may postdate a newer
-            # leader's first call. Ask again later (`_leading` sees the gap).
+        if self.lease.paused_since_checked():
+            # Paused between `may_act` and here: the stamp above may postdate a newer
+            # leader's first call. Ask again later (`may_act` sees the gap).
             self._blocked[run.view.saga_id] = None
             return
         run.calls.add(call)

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any
 
@@ -31,6 +32,7 @@ from cluster.runtime.retention import Retention
 from cluster.runtime.sagas_service import MAX_PUSH_STREAMS, SagasService
 from cluster.runtime.service import ClusterService, raft_role
 from coordinator.admission import MAX_LIMIT
+from coordinator.calls import ParticipantCalls, ParticipantTransport
 from coordinator.driver import Driver
 from coordinator.standby import Standby
 from sagalog import codec
@@ -43,6 +45,7 @@ from sagalog.rocks import RocksKV
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 
+TransportWrapper = Callable[[ParticipantTransport], ParticipantTransport]
 log = logging.getLogger("sagalog.node")
 
 EXIT_USAGE = 2
@@ -127,7 +130,15 @@ class Node:
     without a thread each; every other method runs on the server's thread pool
     (`grpc_workers` threads), which is also the loop's executor."""
 
-    def __init__(self, config: NodeConfig, me: ident.Identity) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        me: ident.Identity,
+        wrap_participants: TransportWrapper | None = None,
+    ) -> None:
+        """`wrap_participants` wraps each driver's participant transport (the test
+        kit's crash points); None: plain gRPC."""
+        self._wrap_participants = wrap_participants
         self.config = config
         self.me = me
         self.service = ClusterService(config, registry_in_store(config.data_dir))
@@ -344,8 +355,7 @@ class Node:
                     # pysyncobj would even consider stepping down.
                     lease_s=self.config.timing.leader_fallback_ms * 2 / 3000,
                     in_office=self.in_office,
-                    participant_credentials=self._participant_credentials,
-                    call_loop=self._loop,  # participant calls share the server's loop
+                    participants=self._participant_transport(),
                 )
                 with self._listener_lock:  # records applied from now on reach the driver
                     self.driver, standby, self.standby = driver, self.standby, None
@@ -356,6 +366,11 @@ class Node:
                     driver.start()  # without the views it reads every saga from the store
         elif driver is not None:
             self._stop_driver()
+
+    def _participant_transport(self) -> ParticipantTransport:
+        # Participant calls share the gRPC server's event loop.
+        calls: ParticipantTransport = ParticipantCalls(self._loop, self._participant_credentials)
+        return calls if self._wrap_participants is None else self._wrap_participants(calls)
 
     def _stop_driver(self) -> None:
         with self._listener_lock:  # no more applied records reach the driver
@@ -443,7 +458,7 @@ def _watch_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, wrap_participants: TransportWrapper | None = None) -> int:
     try:
         config, level = from_args(argv)
     except (ValueError, OSError, TypeError) as exc:
@@ -462,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     node = None
     try:
         me = ident.open_data_dir(config.data_dir, config.id)
-        node = Node(config, me)
+        node = Node(config, me, wrap_participants)
         if me.created:
             check_not_wiped(config, me)
             ident.persist(config.data_dir, me)

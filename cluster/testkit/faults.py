@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cluster.testkit import crashnode
 from cluster.testkit.launcher import LocalCluster
 from cluster.testkit.travel import TravelParticipants
 from sagalog.raft import RaftTiming
@@ -53,6 +54,7 @@ class FaultHarness:
         self.cluster = LocalCluster(
             os.path.join(self.base_dir, "cluster"), nodes=nodes, link_faults=True, timing=timing
         )
+        self.cluster.program = crashnode.PROGRAM  # `start(node_env=...)` may set a crash point
         self.participant_args = participant_args or {}
         self.participants = TravelParticipants(
             os.path.join(self.base_dir, "participants"), extra_args=participant_args

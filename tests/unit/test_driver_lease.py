@@ -1,8 +1,5 @@
-"""The driver's permission to act after a pause (coordinator/driver.py `_leading`).
-
-A leader paused by SIGSTOP may have been replaced meanwhile. After a gap in its
-own clock readings it must not call participants until an empty entry commits;
-a confirmation that committed before the pause proves nothing after it."""
+"""The driver's permission to act (its lease, coordinator/lease.py, is tested on its
+own in test_lease.py) and its call slots, with participants in memory."""
 
 from __future__ import annotations
 
@@ -12,6 +9,7 @@ from typing import Any
 from pysyncobj import FAIL_REASON
 
 from coordinator.driver import Driver
+from coordinator.memory_calls import InMemoryCalls
 
 
 class FakeRaft:
@@ -32,41 +30,30 @@ def deliver(driver: Driver) -> None:
         driver._handle(driver._events.get_nowait()[1])
 
 
-def pause(driver: Driver, seconds: float = 1.0) -> None:
-    driver._last_seen = time.monotonic() - seconds
-
-
-def test_a_confirmation_sent_before_a_pause_does_not_count_after_it() -> None:
+def test_a_pause_withdraws_the_permission_until_a_barrier_commits() -> None:
+    """The driver wires its lease to Raft: the barrier is an empty entry, and its
+    commit (through the driver's queue) gives the permission back."""
     raft = FakeRaft()
-    driver = Driver(raft, epoch=1, node_id="n1", lease_s=0.2)
-    assert driver._leading()
-
-    pause(driver)
-    assert not driver._leading()
-    assert len(raft.callbacks) == 1  # the first confirmation commit
-    pause(driver)  # paused again while it is in flight
-    assert not driver._leading()
-    assert len(raft.callbacks) == 2  # a new one: the first was sent before this pause
-
-    raft.callbacks[0](b"", FAIL_REASON.SUCCESS)  # committed before the second pause
+    clock = [100.0]
+    driver = Driver(
+        raft,
+        epoch=1,
+        node_id="n1",
+        lease_s=0.2,
+        participants=InMemoryCalls(),
+        monotonic=lambda: clock[0],
+    )
+    assert driver.lease.may_act()
+    clock[0] += 1.0
+    assert not driver.lease.may_act()
+    assert len(raft.callbacks) == 1  # the barrier
+    raft.callbacks[0](b"", FAIL_REASON.LEADER_CHANGED)
     deliver(driver)
-    assert not driver._leading()
-    assert len(raft.callbacks) == 2  # the second is still in flight: no third
-
+    assert not driver.lease.may_act()
+    assert len(raft.callbacks) == 2
     raft.callbacks[1](b"", FAIL_REASON.SUCCESS)
     deliver(driver)
-    assert driver._leading()
-
-
-def test_a_failed_confirmation_keeps_the_driver_from_acting() -> None:
-    raft = FakeRaft()
-    driver = Driver(raft, epoch=1, node_id="n1", lease_s=0.2)
-    pause(driver)
-    assert not driver._leading()
-    raft.callbacks[0](None, FAIL_REASON.LEADER_CHANGED)
-    deliver(driver)
-    assert not driver._leading()
-    assert len(raft.callbacks) == 2  # asks again
+    assert driver.lease.may_act()
 
 
 def test_an_endpoint_that_never_answers_holds_only_its_share_of_the_call_slots(
@@ -78,8 +65,10 @@ def test_an_endpoint_that_never_answers_holds_only_its_share_of_the_call_slots(
     from sagalog import records as rec
 
     monkeypatch.setattr(driver_mod, "MAX_CALLS_PER_ENDPOINT", 3)
-    driver = Driver(FakeRaft(), epoch=1, node_id="n1", lease_s=60)
-    hanging = rec.chain_definition("v0", endpoint="127.0.0.1:9")  # discards everything
+    hang = lambda compensation, request: None  # noqa: E731 - never answers
+    calls = InMemoryCalls({"127.0.0.1:9": hang, "127.0.0.1:7": hang})
+    driver = Driver(FakeRaft(), epoch=1, node_id="n1", lease_s=60, participants=calls)
+    hanging = rec.chain_definition("v0", endpoint="127.0.0.1:9")
     other = rec.chain_definition("v0", endpoint="127.0.0.1:7")
     runs = {}
     for i, definition in enumerate([hanging] * 5 + [other]):
@@ -95,7 +84,7 @@ def test_an_endpoint_that_never_answers_holds_only_its_share_of_the_call_slots(
     driver._reply("s0", core.Call("v0", False, 1), core.Reply(None, error="x"), "127.0.0.1:9")
     assert list(driver._dirty) == ["s3"]
     assert list(driver._blocked_on["127.0.0.1:9"]) == ["s4"]
-    driver._participants.close()
+    assert [c.request.saga_id for c in calls.held] == ["s0", "s1", "s2", "s5"]
 
 
 def test_a_long_pick_up_of_in_flight_sagas_is_not_taken_for_a_pause() -> None:
@@ -106,7 +95,7 @@ def test_a_long_pick_up_of_in_flight_sagas_is_not_taken_for_a_pause() -> None:
 
     from sagalog import records as rec
 
-    definition = rec.chain_definition("v0", endpoint="127.0.0.1:9")  # discards everything
+    definition = rec.chain_definition("v0", endpoint="127.0.0.1:9")
     ids = [f"s{i}" for i in range(8)]
 
     class SlowLog:
@@ -123,7 +112,8 @@ def test_a_long_pick_up_of_in_flight_sagas_is_not_taken_for_a_pause() -> None:
             yield SlowLog()
 
     raft = LoadingRaft()
-    driver = Driver(raft, epoch=1, node_id="n1", lease_s=0.1)
+    calls = InMemoryCalls({"127.0.0.1:9": lambda compensation, request: None})  # hangs
+    driver = Driver(raft, epoch=1, node_id="n1", lease_s=0.1, participants=calls)
     try:
         started = time.monotonic()
         driver._sweep()
@@ -132,4 +122,4 @@ def test_a_long_pick_up_of_in_flight_sagas_is_not_taken_for_a_pause() -> None:
         assert driver.stats["calls"] == len(ids)
         assert raft.callbacks == []  # no confirmation commit was asked for
     finally:
-        driver._participants.close()
+        calls.close()

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from saga.v1 import log_pb2
 
 from coordinator.driver import Driver
+from coordinator.memory_calls import InMemoryCalls
 from coordinator.standby import Standby
 from coordinator.view import SagaView
 from sagalog import records as rec
@@ -99,16 +100,15 @@ def test_a_driver_adopts_the_views_and_reads_only_the_other_sagas_from_the_store
 
     standby = Standby()
     standby.on_applied(applied("warm", saga("warm")[:2]))
-    driver = Driver(StoreRaft(Log()), epoch=2, node_id="n2", lease_s=60)
-    try:
-        driver.adopt(standby.hand_over())
-        driver._sweep()
-        driver._turn()
-        assert read == ["cold"]
-        assert set(driver._runs) == {"warm", "cold"}
-        assert driver.stats["calls"] == 2  # both re-send their outstanding call to a
-    finally:
-        driver._participants.close()
+    calls = InMemoryCalls()
+    driver = Driver(StoreRaft(Log()), epoch=2, node_id="n2", lease_s=60, participants=calls)
+    driver.adopt(standby.hand_over())
+    driver._sweep()
+    driver._turn()
+    assert read == ["cold"]
+    assert set(driver._runs) == {"warm", "cold"}
+    # Both re-send their outstanding call to a.
+    assert sorted(c.request.saga_id for c in calls.sent) == ["cold", "warm"]
 
 
 def test_an_adopted_view_of_a_saga_that_ended_meanwhile_is_read_again_not_driven() -> None:
@@ -123,12 +123,10 @@ def test_an_adopted_view_of_a_saga_that_ended_meanwhile_is_read_again_not_driven
             return saga(saga_id)  # through EndSaga
 
     stale = SagaView.from_records("gone", saga("gone")[:2])  # still waits on vertex a
-    driver = Driver(StoreRaft(Log()), epoch=2, node_id="n2", lease_s=60)
-    try:
-        driver.adopt({"gone": stale})
-        driver._sweep()
-        driver._turn()
-        assert "gone" not in driver._runs
-        assert driver.stats["calls"] == 0
-    finally:
-        driver._participants.close()
+    calls = InMemoryCalls()
+    driver = Driver(StoreRaft(Log()), epoch=2, node_id="n2", lease_s=60, participants=calls)
+    driver.adopt({"gone": stale})
+    driver._sweep()
+    driver._turn()
+    assert "gone" not in driver._runs
+    assert calls.sent == []
