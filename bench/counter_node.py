@@ -6,7 +6,7 @@ rate by this counter's rate, so everything around Raft must be the same as in a
 the records to RocksDB) must be missing:
 
 * the same journal: `sagalog.journal.DurableJournal`, installed through
-  `sagalog.raft._durable_journal`, fsynced as `sagalog.raft._SyncingTransport`
+  `sagalog.raft.durable_journal`, fsynced as `sagalog.raft.SyncingTransport`
   does it (an answer after the fsync, the leader's fsync beside replication);
 * the same `SyncObjConf`: `sagalog.raft.raft_conf`, the builder `SagaLogRaft`
   uses, without the snapshot hooks (pysyncobj's own pickle; no compaction runs
@@ -45,7 +45,14 @@ from sagalog import codec
 from sagalog.framecipher import EncryptedFrames, FrameCipher
 from sagalog.journal import DurableJournal
 from sagalog.proposer import DEFAULT_MAX_IN_FLIGHT
-from sagalog.raft import RaftTiming, _durable_journal, _SyncingTransport, raft_conf
+from sagalog.raft import (
+    RaftTiming,
+    SyncingTransport,
+    durable_journal,
+    raft_conf,
+    raft_status,
+    role_of,
+)
 
 log = logging.getLogger("bench.counter_node")
 
@@ -59,9 +66,7 @@ _ROLES = {0: cluster_pb2.FOLLOWER, 1: cluster_pb2.CANDIDATE, 2: cluster_pb2.LEAD
 
 
 def raft_role(raft: SyncObj) -> int:
-    """As cluster.runtime.service.raft_role: the attribute itself, since getStatus() iterates
-    dicts that the Raft thread mutates."""
-    return _ROLES.get(getattr(raft, "_SyncObj__raftState", 0), cluster_pb2.FOLLOWER)
+    return _ROLES.get(role_of(raft), cluster_pb2.FOLLOWER)
 
 
 class CounterRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
@@ -83,14 +88,14 @@ class CounterRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         timing.validate()
         os.makedirs(data_dir, exist_ok=True)
         self._cipher = FrameCipher(password) if password else None
-        # _SyncingTransport reaches the journal through this attribute name.
+        # SyncingTransport reaches the journal through this attribute name.
         self._journal = DurableJournal(os.path.join(data_dir, "journal"))
-        with _durable_journal(self._journal):
+        with durable_journal(self._journal):
             super().__init__(
                 self_addr,
                 peer_addrs,
                 raft_conf(timing, data_dir, self_addr),
-                transportClass=_SyncingTransport,
+                transportClass=SyncingTransport,
             )
 
     @replicated
@@ -119,16 +124,16 @@ class CounterService(cluster_pb2_grpc.ClusterServicer):
         raft = self._raft
         if raft is None:
             return cluster_pb2.StatusReply(id=self._id, role=cluster_pb2.FOLLOWER)
+        status = raft_status(raft)
         reply = cluster_pb2.StatusReply(
             id=self._id,
-            role=raft_role(raft),  # type: ignore[arg-type]
-            term=raft.raftCurrentTerm,
-            commit_index=raft.raftCommitIndex,
-            applied_index=raft.raftLastApplied,
-            ready=raft.isReady(),
+            role=_ROLES.get(status.role, cluster_pb2.FOLLOWER),  # type: ignore[arg-type]
+            term=status.term,
+            commit_index=status.commit_index,
+            applied_index=status.applied_index,
+            ready=status.ready,
         )
-        leader = raft._getLeader()
-        leader_addr = leader.id if leader is not None else ""
+        leader_addr = status.leader or ""
         if leader_addr == self._raft_addr:
             reply.leader_id, reply.leader_grpc_addr = self._id, self._grpc_addr
         elif leader_addr in self._by_raft_addr:

@@ -40,7 +40,7 @@ from sagalog import records as rec
 from sagalog.journal import JournalCorrupt
 from sagalog.log import LOG_FORMAT, SagaLog
 from sagalog.proposer import ProposeError, Proposer
-from sagalog.raft import EXIT_STORAGE_FAILURE, SagaLogRaft, fail_stop
+from sagalog.raft import EXIT_STORAGE_FAILURE, SagaLogRaft, fail_stop, leader_address
 from sagalog.rocks import RocksKV
 
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -227,12 +227,12 @@ class Node:
         return driver.lag_s() if driver is not None else 0.0
 
     def leader_grpc_addr(self) -> str | None:
-        leader = self.raft._getLeader() if self.raft is not None else None
+        leader = leader_address(self.raft) if self.raft is not None else None
         if leader is None:
             return None
-        if leader.id == self.config.raft_addr:
+        if leader == self.config.raft_addr:
             return self.config.grpc_addr
-        peer = self._peer_by_raft_addr.get(leader.id)
+        peer = self._peer_by_raft_addr.get(leader)
         return peer.grpc_addr if peer is not None else None
 
     def _on_loop(self, coro: Any, timeout_s: float = 10.0) -> Any:
@@ -320,7 +320,7 @@ class Node:
         assert self.raft is not None
         while not self._stopping.wait(DUTY_PERIOD_S):
             try:
-                if not self.registered and self.raft._getLeader() is not None:
+                if not self.registered and leader_address(self.raft) is not None:
                     self._register()
                 if raft_role(self.raft) == cluster_pb2.LEADER:
                     term = self.raft.raftCurrentTerm

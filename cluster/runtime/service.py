@@ -13,7 +13,7 @@ from cluster.runtime.config import NodeConfig
 from sagalog import codec
 from sagalog import records as rec
 from sagalog.proposer import ProposeError, Proposer
-from sagalog.raft import SagaLogRaft
+from sagalog.raft import SagaLogRaft, role_of
 from sagalog.readindex import ReadRefused
 
 MAX_PROPOSE_TIMEOUT_MS = 60_000
@@ -25,9 +25,7 @@ _ROLES = {0: cluster_pb2.FOLLOWER, 1: cluster_pb2.CANDIDATE, 2: cluster_pb2.LEAD
 
 
 def raft_role(raft: SagaLogRaft) -> int:
-    # pysyncobj exposes the role only through getStatus(), which iterates dicts the
-    # Raft thread mutates; read the attribute itself.
-    return _ROLES.get(getattr(raft, "_SyncObj__raftState", 0), cluster_pb2.FOLLOWER)
+    return _ROLES.get(role_of(raft), cluster_pb2.FOLLOWER)
 
 
 class ClusterService(cluster_pb2_grpc.ClusterServicer):
@@ -74,15 +72,15 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 role=cluster_pb2.FOLLOWER,
                 registered=self._registry_at_start,
             )
-        leader = raft._getLeader()
-        leader_addr = leader.id if leader is not None else ""
+        status = raft.status()
+        leader_addr = status.leader or ""
         reply = cluster_pb2.StatusReply(
             id=self._config.id,
-            role=raft_role(raft),  # type: ignore[arg-type]
-            term=raft.raftCurrentTerm,
-            commit_index=raft.raftCommitIndex,
-            applied_index=raft.raftLastApplied,
-            ready=raft.isReady(),
+            role=_ROLES.get(status.role, cluster_pb2.FOLLOWER),  # type: ignore[arg-type]
+            term=status.term,
+            commit_index=status.commit_index,
+            applied_index=status.applied_index,
+            ready=status.ready,
             in_office=self._in_office(),
         )
         if leader_addr == self._config.raft_addr:

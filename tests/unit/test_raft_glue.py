@@ -158,7 +158,7 @@ def test_pysyncobj_keeps_acknowledged_entries_when_a_stale_append_arrives(tmp_pa
 def test_a_journal_past_its_byte_bound_is_snapshotted_and_compacted(tmp_path, monkeypatch) -> None:
     """pysyncobj compacts by entry count only (50,000 here): a few large entries must
     trigger a snapshot too, or the journal grows in memory without bound."""
-    import sagalog.raft as raft_module
+    import sagalog.raft.replica as raft_module
 
     monkeypatch.setattr(raft_module, "JOURNAL_COMPACT_BYTES", 64 * 1024)
     (own,) = free_ports(1)
