@@ -86,7 +86,9 @@ class Driver:
 
     `raft` needs `apply_batch(bytes, callback=...)` and `reading()`; `participants`
     is the transport (`coordinator.calls`; gRPC by default). The clocks are inputs,
-    so tests drive time: `now_ms` stamps records, `monotonic` measures waits."""
+    so tests drive time: `now_ms` stamps records, `monotonic` measures waits. Without
+    `start`, a test steps the loop itself: `on_applied` and answers queue events,
+    `step` runs one turn."""
 
     def __init__(
         self,
@@ -99,10 +101,12 @@ class Driver:
         in_office: Callable[[], bool] | None = None,
         participants: ParticipantTransport | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        turn_wait_s: float = TURN_WAIT_S,
     ) -> None:
         self._raft = raft
         self._participants = participants if participants is not None else ParticipantCalls()
         self._monotonic = monotonic
+        self._turn_wait_s = turn_wait_s  # 0 in tests that step turns by hand
         self.lease = Lease(
             lease_s,
             monotonic,
@@ -165,7 +169,7 @@ class Driver:
     def stop(self) -> None:
         self._stop.set()
         self._post(("wake",))
-        if threading.current_thread() is not self._thread:
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
         self._participants.close()
         log.info("driver of epoch %d stopped", self.epoch)
@@ -202,6 +206,11 @@ class Driver:
 
     # ---- the loop --------------------------------------------------------------------
 
+    def step(self) -> None:
+        """One turn of the loop on the caller's thread (tests; never with `start`)."""
+        assert not self._thread.is_alive(), "the driver runs its own loop"
+        self._turn()
+
     def _loop(self) -> None:
         try:
             started = self._monotonic()
@@ -214,7 +223,7 @@ class Driver:
             self._stop.set()
 
     def _turn(self) -> None:
-        timeout = 0.0 if self._backlog else TURN_WAIT_S
+        timeout = 0.0 if self._backlog else self._turn_wait_s
         if self._timers:
             timeout = max(0.0, min(timeout, self._timers[0][0] - self._monotonic()))
         lag = 0.0
