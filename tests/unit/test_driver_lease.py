@@ -4,6 +4,8 @@ own in test_lease.py) and its call slots, with participants in memory."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pysyncobj import FAIL_REASON
@@ -24,10 +26,22 @@ class FakeRaft:
     def majority_heard_within(self, seconds: float) -> bool:
         return True  # answers queued during a pause look fresh: the lease is fooled
 
+    @contextmanager
+    def reading(self) -> Iterator[Any]:
+        yield EmptyLog()
+
+
+class EmptyLog:
+    def in_flight(self) -> Iterator[str]:
+        return iter(())
+
+    def records(self, saga_id: str) -> list:
+        return []
+
 
 def deliver(driver: Driver) -> None:
-    while not driver._events.empty():
-        driver._handle(driver._events.get_nowait()[1])
+    """Run one turn: the queued events (here, barrier commits) are handled."""
+    driver.step()
 
 
 def test_a_pause_withdraws_the_permission_until_a_barrier_commits() -> None:
@@ -59,32 +73,53 @@ def test_a_pause_withdraws_the_permission_until_a_barrier_commits() -> None:
 def test_an_endpoint_that_never_answers_holds_only_its_share_of_the_call_slots(
     monkeypatch,
 ) -> None:
+    """The scheduler alone: no clock, thread or network."""
     from coordinator import core
-    from coordinator import driver as driver_mod
+    from coordinator import scheduler as scheduler_mod
+    from coordinator.scheduler import Scheduler
     from coordinator.view import SagaView
     from sagalog import records as rec
 
-    monkeypatch.setattr(driver_mod, "MAX_CALLS_PER_ENDPOINT", 3)
-    hang = lambda compensation, request: None  # noqa: E731 - never answers
-    calls = InMemoryCalls({"127.0.0.1:9": hang, "127.0.0.1:7": hang})
-    driver = Driver(FakeRaft(), epoch=1, node_id="n1", lease_s=60, participants=calls)
+    monkeypatch.setattr(scheduler_mod, "MAX_CALLS_PER_ENDPOINT", 3)
+    scheduler = Scheduler(epoch=1, started_ms=0, now=0.0)
     hanging = rec.chain_definition("v0", endpoint="127.0.0.1:9")
     other = rec.chain_definition("v0", endpoint="127.0.0.1:7")
-    runs = {}
+    views = {}
     for i, definition in enumerate([hanging] * 5 + [other]):
         saga_id = f"s{i}"
-        view = SagaView.from_records(saga_id, [rec.start_saga(saga_id, 1, definition, b"")])
-        runs[saga_id] = driver_mod._Run(view)
-        driver._call(runs[saga_id], core.Call("v0", False, 1))
-    to_hanging = [s for s in runs if runs[s].calls]
-    assert to_hanging == ["s0", "s1", "s2", "s5"]  # the third endpoint call in, then held
-    assert list(driver._blocked_on["127.0.0.1:9"]) == ["s3", "s4"]
+        records = [rec.start_saga(saga_id, 1, definition, b""), rec.start_t(saga_id, 1, "v0", 1)]
+        views[saga_id] = SagaView.from_records(saga_id, records)
+    scheduler.adopt(views)
+    scheduler.advance(0.0, 0, may_act=lambda: True)
+    orders = scheduler.take_orders()
+    assert [o.saga_id for o in orders] == ["s0", "s1", "s2", "s5"]  # three in, then held
+    assert {o.endpoint for o in orders[:3]} == {"127.0.0.1:9"}
+    assert list(scheduler.blocked_on["127.0.0.1:9"]) == ["s3", "s4"]
     # A reply from the hanging endpoint frees one slot: one waiting saga is re-planned.
-    driver._dirty.clear()
-    driver._reply("s0", core.Call("v0", False, 1), core.Reply(None, error="x"), "127.0.0.1:9")
-    assert list(driver._dirty) == ["s3"]
-    assert list(driver._blocked_on["127.0.0.1:9"]) == ["s4"]
-    assert [c.request.saga_id for c in calls.held] == ["s0", "s1", "s2", "s5"]
+    scheduler.dirty.clear()
+    scheduler.replied(
+        "s0", core.Call("v0", False, 1), core.Reply(None, error="x"), "127.0.0.1:9", 0.0, 0
+    )
+    assert list(scheduler.dirty) == ["s3"]
+    assert scheduler.runs["s0"].waiting == {core.Call("v0", False, 1)}  # a retry timer
+    assert list(scheduler.blocked_on["127.0.0.1:9"]) == ["s4"]
+
+
+def test_without_permission_to_act_nothing_is_called_or_proposed() -> None:
+    from coordinator.scheduler import Scheduler
+    from coordinator.view import SagaView
+    from sagalog import records as rec
+
+    scheduler = Scheduler(epoch=1, started_ms=0, now=0.0)
+    definition = rec.chain_definition("v0", "v1", endpoint="127.0.0.1:9")
+    records = [rec.start_saga("s", 1, definition, b""), rec.start_t("s", 1, "v0", 1)]
+    scheduler.adopt({"s": SagaView.from_records("s", records)})
+    scheduler.advance(0.0, 0, may_act=lambda: False)
+    assert scheduler.take_orders() == [] and list(scheduler.blocked) == ["s"]
+    scheduler.tick(1.0, 1000, may_act=lambda: True)  # allowed again: re-planned
+    scheduler.advance(1.0, 1000, may_act=lambda: True)
+    [order] = scheduler.take_orders()
+    assert order.request.sent_unix_ms == 1000 and order.request.epoch == 1
 
 
 def test_a_long_pick_up_of_in_flight_sagas_is_not_taken_for_a_pause() -> None:
@@ -116,8 +151,7 @@ def test_a_long_pick_up_of_in_flight_sagas_is_not_taken_for_a_pause() -> None:
     driver = Driver(raft, epoch=1, node_id="n1", lease_s=0.1, participants=calls)
     try:
         started = time.monotonic()
-        driver._sweep()
-        driver._turn()
+        driver.step()
         assert time.monotonic() - started > 0.1
         assert driver.stats["calls"] == len(ids)
         assert raft.callbacks == []  # no confirmation commit was asked for

@@ -103,10 +103,9 @@ def test_a_driver_adopts_the_views_and_reads_only_the_other_sagas_from_the_store
     calls = InMemoryCalls()
     driver = Driver(StoreRaft(Log()), epoch=2, node_id="n2", lease_s=60, participants=calls)
     driver.adopt(standby.hand_over())
-    driver._sweep()
-    driver._turn()
+    driver.step()
     assert read == ["cold"]
-    assert set(driver._runs) == {"warm", "cold"}
+    assert set(driver.scheduler.runs) == {"warm", "cold"}
     # Both re-send their outstanding call to a.
     assert sorted(c.request.saga_id for c in calls.sent) == ["cold", "warm"]
 
@@ -126,7 +125,6 @@ def test_an_adopted_view_of_a_saga_that_ended_meanwhile_is_read_again_not_driven
     calls = InMemoryCalls()
     driver = Driver(StoreRaft(Log()), epoch=2, node_id="n2", lease_s=60, participants=calls)
     driver.adopt({"gone": stale})
-    driver._sweep()
-    driver._turn()
-    assert "gone" not in driver._runs
+    driver.step()
+    assert "gone" not in driver.scheduler.runs
     assert calls.sent == []
