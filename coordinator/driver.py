@@ -253,10 +253,17 @@ class Driver:
     # ---- IO: participant calls ---------------------------------------------------------
 
     def _send(self, orders: list[CallOrder]) -> None:
+        """Send each order if this epoch may act at this moment: the turn may have run
+        long (loads, sweeps, planning) or paused since the scheduler ordered it."""
         for order in orders:
+            if not self.lease.may_act():
+                self.scheduler.not_sent(order)
+                continue
+            # Lets a checker tell sent-late from delivered-late.
+            order.request.sent_unix_ms = self._now_ms()
             if self.lease.paused_since_checked():
-                # Paused between `may_act` and here: the send time stamped on the
-                # request may postdate a newer leader's first call. Ask again later.
+                # Paused between `may_act` and the stamp: the stamp may postdate a
+                # newer leader's first call. Ask again later (`may_act` sees the gap).
                 self.scheduler.not_sent(order)
                 continue
             self._participants.send(

@@ -192,16 +192,7 @@ class Scheduler:
         now: float,
         now_ms: int,
     ) -> None:
-        self.calls_in_flight -= 1
-        self.calls_to[endpoint] -= 1
-        if self.calls_to[endpoint] <= 0:
-            del self.calls_to[endpoint]  # endpoints come from clients: keep no zeros
-        waiting = self.blocked_on.get(endpoint)
-        if waiting:
-            for blocked in _take(waiting, MAX_CALLS_PER_ENDPOINT - self.calls_to[endpoint]):
-                self.touch(blocked)
-            if not waiting:
-                del self.blocked_on[endpoint]
+        self._free_slot(endpoint)
         self.stats["replies"] += 1
         run = self.runs.get(saga_id)
         if run is None:
@@ -292,10 +283,7 @@ class Scheduler:
         run = self.runs.get(order.saga_id)
         if run is not None:
             run.calls.discard(order.call)
-        self.calls_in_flight -= 1
-        self.calls_to[order.endpoint] -= 1
-        if self.calls_to[order.endpoint] <= 0:
-            del self.calls_to[order.endpoint]
+        self._free_slot(order.endpoint)
         self.stats["calls"] -= 1
         self.blocked[order.saga_id] = None
 
@@ -342,6 +330,20 @@ class Scheduler:
         """Re-plan this saga in a coming turn."""
         self.dirty[saga_id] = None
 
+    def _free_slot(self, endpoint: str) -> None:
+        """A call to `endpoint` ended (or was never sent): wake a saga waiting for
+        one of its slots."""
+        self.calls_in_flight -= 1
+        self.calls_to[endpoint] -= 1
+        if self.calls_to[endpoint] <= 0:
+            del self.calls_to[endpoint]  # endpoints come from clients: keep no zeros
+        waiting = self.blocked_on.get(endpoint)
+        if waiting:
+            for blocked in _take(waiting, MAX_CALLS_PER_ENDPOINT - self.calls_to[endpoint]):
+                self.touch(blocked)
+            if not waiting:
+                del self.blocked_on[endpoint]
+
     def _propose(self, run: Run, records: list[log_pb2.Record], now: float) -> None:
         for record in records:
             found = identity(record)
@@ -384,7 +386,7 @@ class Scheduler:
             self.blocked_on.setdefault(endpoint, OrderedDict())[view.saga_id] = None
             return
         request = core.step_request(view, call, self.epoch)
-        request.sent_unix_ms = now_ms  # lets a checker tell sent-late from delivered-late
+        request.sent_unix_ms = now_ms  # the driver stamps it again as it sends
         run.calls.add(call)
         self.calls_in_flight += 1
         self.calls_to[endpoint] += 1

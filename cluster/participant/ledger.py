@@ -221,7 +221,7 @@ class Ledger:
         self._db.execute("PRAGMA synchronous=FULL")  # WAL + FULL: fsync on every commit
         with self.transaction() as db:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
-            if "calls" in tables and "saga_meta" not in tables:
+            if {"bookings", "tombstones", "calls"} <= tables and "saga_meta" not in tables:
                 raise LedgerFormatError(
                     f"{self.db_path}: written by the booking participant before the SDK "
                     "(ledger version 1); move it away to start afresh"
@@ -255,7 +255,14 @@ class Ledger:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (disk full, I/O error) may leave the transaction
+                # open: every later BEGIN would fail until a restart.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     # ---- decisions, inside a transaction ----------------------------------------------
 

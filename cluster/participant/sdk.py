@@ -15,6 +15,7 @@ import logging
 import signal
 import sqlite3
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -108,7 +109,11 @@ class Participant:
         self.record_calls = record_calls
         self._requests: dict[str | None, RequestHandler] = {}
         self._compensations: dict[str | None, CompensationHandler] = {}
-        self._async_turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        # One turn per event loop. Serving one participant from several loops at once
+        # works, but a loop then waits on the ledger's lock while another holds it.
+        self._async_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # ---- registration ------------------------------------------------------------------
 
@@ -162,13 +167,16 @@ class Participant:
     async def handle_async(self, kind: str, request: Any) -> Outcome:
         """`handle` on an event loop: an async handler is awaited inside the ledger's
         transaction, so calls take turns on the loop."""
-        call, invalid = self._admit(kind, request)
-        if invalid is not None:
-            return invalid
         loop = asyncio.get_running_loop()
-        if self._async_turn is None or self._async_turn[0] is not loop:
-            self._async_turn = (loop, asyncio.Lock())  # a lock belongs to one loop
-        async with self._async_turn[1]:
+        turn = self._async_turns.get(loop)
+        if turn is None:  # an asyncio lock belongs to one loop
+            turn = self._async_turns[loop] = asyncio.Lock()
+        # Everything that takes the ledger's lock happens in this turn: a coroutine
+        # of this loop that holds it across an await never blocks the loop's thread.
+        async with turn:
+            call, invalid = self._admit(kind, request)
+            if invalid is not None:
+                return invalid
             try:
                 flow = self._flow(call, request)
                 try:
@@ -270,8 +278,11 @@ class Participant:
             # it again. Loud, because nothing here can undo that.
             log.critical("the %s handler of %r ended the transaction", call.kind, call.action)
             return HandlerResult(failure="the handler ended the ledger's transaction")
+        if call.kind != EXECUTE:  # a compensation's return value means nothing
+            db.execute("RELEASE step")
+            return HandlerResult()
         output = b"" if value is None else value
-        if call.kind == EXECUTE and not isinstance(output, bytes):
+        if not isinstance(output, bytes):
             db.execute("ROLLBACK TO step")
             return HandlerResult(failure=f"the handler returned {type(value).__name__}, not bytes")
         if len(output) > MAX_OUTPUT_BYTES:
@@ -280,7 +291,7 @@ class Participant:
                 failure=f"the output is {len(output)} bytes; the limit is {MAX_OUTPUT_BYTES}"
             )
         db.execute("RELEASE step")
-        return HandlerResult(output=output if call.kind == EXECUTE else b"")
+        return HandlerResult(output=output)
 
     @staticmethod
     def _failed(db: sqlite3.Connection, call: Call, exc: Exception) -> HandlerResult:

@@ -504,7 +504,13 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         )
         result = self._propose([record]).results[0]
         if result.verdict == log_pb2.REJECTED:
-            raise Refusal(statuses.rejected(result), result.reason)
+            # A conflict: another EndC closed this compensation first.
+            code = (
+                grpc.StatusCode.FAILED_PRECONDITION
+                if result.code == log_pb2.REJECT_CONFLICT
+                else statuses.rejected(result)
+            )
+            raise Refusal(code, result.reason)
         return sagas_pb2.ResolveReply()
 
     # ---- reads -----------------------------------------------------------------------

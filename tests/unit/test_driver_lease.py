@@ -157,3 +157,40 @@ def test_a_long_pick_up_of_in_flight_sagas_is_not_taken_for_a_pause() -> None:
         assert raft.callbacks == []  # no confirmation commit was asked for
     finally:
         calls.close()
+
+
+def test_an_order_is_not_sent_after_a_pause_in_its_turn() -> None:
+    """The scheduler ordered a call, then the turn paused (a long sweep, SIGSTOP)
+    before the driver sent it: the call waits for the permission to act again, and
+    when it goes it carries the time it was really sent."""
+    from coordinator.view import SagaView
+    from sagalog import records as rec
+
+    clock = [100.0]
+    calls = InMemoryCalls({"127.0.0.1:9": lambda compensation, request: None})
+    raft = FakeRaft()
+    driver = Driver(
+        raft,
+        epoch=1,
+        node_id="n1",
+        lease_s=0.2,
+        participants=calls,
+        monotonic=lambda: clock[0],
+        now_ms=lambda: int(clock[0] * 1000),
+    )
+    definition = rec.chain_definition("v0", endpoint="127.0.0.1:9")
+    records = [rec.start_saga("s", 1, definition, b""), rec.start_t("s", 1, "v0", 1)]
+    driver.adopt({"s": SagaView.from_records("s", records)})
+    driver.scheduler.advance(clock[0], int(clock[0] * 1000), driver.lease.may_act)
+    orders = driver.scheduler.take_orders()
+    assert len(orders) == 1
+    clock[0] += 1.0  # the pause
+    driver.lease.read_clock()  # a load later in the same turn reads the clock
+    driver._send(orders)
+    assert calls.sent == [] and list(driver.scheduler.blocked) == ["s"]
+    assert driver.scheduler.calls_in_flight == 0 and len(raft.callbacks) == 1  # a barrier
+    raft.callbacks[0](b"", FAIL_REASON.SUCCESS)
+    driver.scheduler.next_sweep = float("inf")
+    driver.step()  # the barrier commits; the blocked saga is re-planned and called
+    [sent] = calls.sent
+    assert sent.request.sent_unix_ms == 101_000

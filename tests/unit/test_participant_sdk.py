@@ -507,3 +507,45 @@ def test_readme_participant_is_short_and_honours_the_contract(tmp_path) -> None:
             out, _ = proc.communicate()
         print(out.decode(errors="replace"))  # shown if the test failed
     assert proc.returncode == 0, "the example did not stop cleanly on SIGTERM"
+
+
+def test_a_compensation_return_value_is_ignored(tmp_path) -> None:
+    p = Participant("Test", str(tmp_path / "p.sqlite"))
+
+    @p.compensation("Cancel")
+    def cancel(step: Step, booked: bytes | None) -> object:
+        return 42  # not bytes: means nothing for a compensation
+
+    undo = p.handle(COMPENSATE, step_request(COMPENSATE, "s1", 1, 1))
+    assert undo.reply is not None and undo.reply.ok
+    p.close()
+
+
+def test_an_invalid_call_does_not_block_the_loop_while_a_handler_awaits(tmp_path) -> None:
+    """An async handler holds the ledger across its await; an invalid call recorded
+    meanwhile must wait its turn on the loop, not block the loop's thread."""
+    p = Participant("Test", str(tmp_path / "p.sqlite"), record_calls=True)
+
+    async def scenario() -> list[str]:
+        gate = asyncio.Event()
+
+        @p.request("Book")
+        async def book(step: Step) -> bytes:
+            await gate.wait()
+            return b"ok"
+
+        valid = asyncio.create_task(p.handle_async(EXECUTE, step_request(EXECUTE, "s1", 1, 1)))
+        await asyncio.sleep(0)  # the handler now holds the ledger, awaiting the gate
+        bad = participant_pb2.StepRequest(saga_id="s1", vertex="V", action="Book")
+        invalid = asyncio.create_task(p.handle_async(EXECUTE, bad))
+        await asyncio.sleep(0)
+        gate.set()
+        done = await asyncio.wait_for(asyncio.gather(valid, invalid), timeout=10)
+        return [o.answer for o in done]
+
+    assert asyncio.run(scenario()) == [ANSWER_OK, ANSWER_INVALID]
+    assert [c.answer for c in read_ledger(str(tmp_path / "p.sqlite")).calls] == [
+        ANSWER_OK,
+        ANSWER_INVALID,
+    ]
+    p.close()
