@@ -44,6 +44,7 @@ MAX_TOKEN_LEN = 512
 
 _SAGAS = "/saga.v1.Sagas/"
 _CLUSTER = "/saga.v1.Cluster/"
+_REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/"
 METHOD_ROLES = {
     _SAGAS + "Submit": "client",
     _SAGAS + "Run": "client",
@@ -58,8 +59,13 @@ METHOD_ROLES = {
     _CLUSTER + "ReadSaga": "operator",
     _CLUSTER + "Propose": "admin",
     _CLUSTER + "ForgetMember": "admin",
+    _REFLECTION + "ServerReflectionInfo": "client",  # lists services and their schemas
 }
+# Load balancers and orchestrators probe health without credentials; the answer
+# says only whether the node serves.
+PUBLIC = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 STREAMING = frozenset({_SAGAS + "Watch"})
+BIDI_STREAMING = frozenset({_REFLECTION + "ServerReflectionInfo"})
 
 
 class AuthError(ValueError):
@@ -152,6 +158,8 @@ class Authenticator(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = details.method
+        if method in PUBLIC:
+            return await continuation(details)
         needed = METHOD_ROLES.get(method, "admin")  # a method not listed: admins only
         caller = self.caller(details.invocation_metadata)
         if caller is None:
@@ -172,6 +180,13 @@ class Authenticator(grpc.aio.ServerInterceptor):
 
 
 def _deny(method: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    if method in BIDI_STREAMING:
+
+        async def refuse_bidi(requests: Any, context: Any) -> Any:
+            await context.abort(code, message)
+            yield
+
+        return grpc.stream_stream_rpc_method_handler(refuse_bidi)
     if method in STREAMING:
 
         async def refuse_stream(request: Any, context: Any) -> Any:

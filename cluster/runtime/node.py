@@ -27,6 +27,7 @@ from cluster import auth
 from cluster.grpcutil import PENDING_REQUEST_OPTIONS, channel_to
 from cluster.runtime import identity as ident
 from cluster.runtime.config import NodeConfig, from_args, node_tls, participant_tls
+from cluster.runtime.health import HealthReporter, add_health_and_reflection, serving
 from cluster.runtime.push import AppliedFeed
 from cluster.runtime.retention import Retention
 from cluster.runtime.sagas_service import MAX_PUSH_STREAMS, SagasService
@@ -155,8 +156,9 @@ class Node:
         )
         self._loop_thread.start()
         self.feed: AppliedFeed | None = AppliedFeed(self._loop)
-        self.server = self._on_loop(self._start_server())
         self.raft: SagaLogRaft | None = None
+        self.health = HealthReporter(self.can_serve)
+        self.server = self._on_loop(self._start_server())
         self.proposer: Proposer | None = None
         self._stopping = threading.Event()
         self._duties = threading.Thread(target=self._run_duties, name="duties", daemon=True)
@@ -235,6 +237,11 @@ class Node:
         peer = self._peer_by_raft_addr.get(leader)
         return peer.grpc_addr if peer is not None else None
 
+    def can_serve(self) -> bool:
+        """What gRPC health reports for the Sagas service (cluster.runtime.health)."""
+        raft = self.raft
+        return serving(raft.status() if raft is not None else None, self.in_office())
+
     def _on_loop(self, coro: Any, timeout_s: float = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
@@ -257,6 +264,7 @@ class Node:
         cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, server)
         sagas = SagasService(self, self.config.participant_allow, node_tls(self.config))
         sagas_pb2_grpc.add_SagasServicer_to_server(sagas, server)
+        add_health_and_reflection(server, self.health)
         tls = node_tls(self.config)
         if tls is None:
             port = server.add_insecure_port(self.config.grpc_addr)
@@ -266,6 +274,7 @@ class Node:
         if port == 0:
             raise OSError(f"cannot listen on --grpc-addr {self.config.grpc_addr}")
         await server.start()
+        await self.health.start()
         return server
 
     def _on_applied(self, records: list[tuple[str, int, log_pb2.Record]]) -> None:
@@ -299,6 +308,7 @@ class Node:
     def stop(self) -> None:
         self._stopping.set()
         try:
+            self._on_loop(self.health.stop(), timeout_s=1.0)  # load balancers drain first
             self._on_loop(self.server.stop(grace=1.0), timeout_s=3.0)
         except Exception:
             log.exception("stopping the gRPC server")
