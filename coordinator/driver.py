@@ -54,8 +54,11 @@ class Driver:
         participants: ParticipantTransport | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         turn_wait_s: float = TURN_WAIT_S,
+        observe_commit: Callable[[float], None] | None = None,
     ) -> None:
+        """`observe_commit` gets each proposal's seconds from proposing to applied."""
         self._raft = raft
+        self._observe_commit = observe_commit
         self._participants = participants if participants is not None else ParticipantCalls()
         self._monotonic = monotonic
         self._turn_wait_s = turn_wait_s  # 0 in tests that step turns by hand
@@ -225,7 +228,11 @@ class Driver:
     def _flush(self) -> None:
         for proposal in self.scheduler.proposals(self._monotonic(), self.lease.may_act):
 
-            def done(result: Any, reason: int, pid: int = proposal.pid) -> None:
+            def done(
+                result: Any, reason: int, pid: int = proposal.pid, sent: float = time.monotonic()
+            ) -> None:
+                if self._observe_commit is not None and result is not None:
+                    self._observe_commit(time.monotonic() - sent)
                 self._post(("proposed", pid, result))
 
             self._raft.apply_batch(codec.encode_batch(proposal.records), callback=done)

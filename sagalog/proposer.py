@@ -8,6 +8,8 @@ the number in flight is capped before pysyncobj's queue.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from pysyncobj import FAIL_REASON
@@ -41,8 +43,15 @@ class ProposeError(Exception):
 
 
 class Proposer:
-    def __init__(self, raft: Any, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self,
+        raft: Any,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        observe_commit: Callable[[float], None] | None = None,
+    ) -> None:
+        """`observe_commit` gets each committed proposal's seconds until applied."""
         self._raft = raft
+        self._observe_commit = observe_commit
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self.max_in_flight = max_in_flight
 
@@ -69,6 +78,7 @@ class Proposer:
                 outcome.append((result, reason))
                 done.set()
 
+            sent = time.monotonic()
             self._raft.apply_batch(batch, callback=on_result)
             if not done.wait(timeout_s):
                 raise ProposeError(
@@ -78,6 +88,8 @@ class Proposer:
                     "committed; retry the same records",
                 )
             result, reason = outcome[0]
+            if reason == FAIL_REASON.SUCCESS and self._observe_commit is not None:
+                self._observe_commit(time.monotonic() - sent)
         finally:
             self._slots.release()
         if reason != FAIL_REASON.SUCCESS:

@@ -12,6 +12,7 @@ from cluster.tls import TlsFiles
 from sagalog.raft import RaftTiming
 
 DEFAULT_GRPC_WORKERS = 64
+LOG_FORMATS = ("text", "json")
 
 _ADDR_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 _ID_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -96,6 +97,15 @@ class NodeConfig:
     fault_file: str | None = None
     """Testing aid: a JSON file of Raft link faults (see sagalog.raft.LinkFaults),
     re-read when it changes. Never set it in production."""
+    metrics_addr: str | None = None
+    """HOST:PORT to serve Prometheus metrics on (/metrics, plain HTTP: counts and
+    timings, no saga data). None: no metrics listener."""
+    http_addr: str | None = None
+    """HOST:PORT of the web page (the cluster, the sagas, each saga's DAG) and its
+    JSON API; HTTPS with the node's certificate when it has one. It may equal
+    `metrics_addr`. None: no web page."""
+    log_format: str = "text"
+    """text | json (one JSON object a line)."""
     join_check_ms: int = 1000
     """How long a node with a new data directory asks its peers whether the cluster
     already knows it (a wiped node must not rejoin as if it had never voted)."""
@@ -105,6 +115,14 @@ class NodeConfig:
             raise ValueError(f"--id {self.id!r}: use 1-64 letters, digits, _ or -")
         for name, addr in [("--raft-addr", self.raft_addr), ("--grpc-addr", self.grpc_addr)]:
             _check_addr(name, addr)
+        for name, optional in [
+            ("--metrics-addr", self.metrics_addr),
+            ("--http-addr", self.http_addr),
+        ]:
+            if optional is not None:
+                _check_addr(name, optional)
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format {self.log_format!r}: choose one of {LOG_FORMATS}")
         if not self.data_dir:
             raise ValueError("--data-dir is required")
         ids = [self.id] + [p.id for p in self.peers]
@@ -139,7 +157,9 @@ class NodeConfig:
             )
         if self.tls_require_client_cert and not (self.tls_cert and self.tls_ca):
             raise ValueError("--tls-require-client-cert needs --tls-cert, --tls-key and --tls-ca")
-        if not is_loopback(self.grpc_addr) and not self.insecure_grpc:
+        # The web page is a gateway to the same API: the same rule for its address.
+        exposed_api = [a for a in (self.grpc_addr, self.http_addr) if a and not is_loopback(a)]
+        if exposed_api and not self.insecure_grpc:
             missing = [
                 flag
                 for flag, given in (
@@ -150,8 +170,8 @@ class NodeConfig:
             ]
             if missing:
                 raise ValueError(
-                    f"--grpc-addr {self.grpc_addr} is not loopback: give {' and '.join(missing)} "
-                    "(or --insecure-grpc to serve it without)"
+                    f"{', '.join(exposed_api)} is not loopback: give {' and '.join(missing)} "
+                    "(or --insecure-grpc to serve gRPC and the web page without)"
                 )
         if self.raft_password is None:
             exposed = [a for a in raft_addrs if not is_loopback(a)]
@@ -278,6 +298,15 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="log only: do not run sagas (for benchmarking the log)",
     )
+    p.add_argument(
+        "--metrics-addr", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics"
+    )
+    p.add_argument(
+        "--http-addr",
+        metavar="HOST:PORT",
+        help="serve the web page (may equal --metrics-addr)",
+    )
+    p.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -320,6 +349,9 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
         values["participant_allow"] = tuple(values["participant_allow"])
     if args.ended_retention_s is not None:
         values["ended_retention_s"] = args.ended_retention_s
+    for flag in ("metrics_addr", "http_addr", "log_format"):
+        if getattr(args, flag):
+            values[flag] = getattr(args, flag)
     if args.no_coordinator:
         values["coordinator"] = False
     if args.raft_password_file:

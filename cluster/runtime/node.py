@@ -21,6 +21,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from prometheus_client import CONTENT_TYPE_LATEST
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 
 from cluster import auth
@@ -28,6 +29,8 @@ from cluster.grpcutil import PENDING_REQUEST_OPTIONS, channel_to
 from cluster.runtime import identity as ident
 from cluster.runtime.config import NodeConfig, from_args, node_tls, participant_tls
 from cluster.runtime.health import HealthReporter, add_health_and_reflection, serving
+from cluster.runtime.httpserver import HttpServer, Request, Response, Routes
+from cluster.runtime.metrics import MeteredTransport, Metrics, NodeState
 from cluster.runtime.push import AppliedFeed
 from cluster.runtime.retention import Retention
 from cluster.runtime.sagas_service import MAX_PUSH_STREAMS, SagasService
@@ -42,6 +45,7 @@ from sagalog.journal import JournalCorrupt
 from sagalog.log import LOG_FORMAT, SagaLog
 from sagalog.proposer import ProposeError, Proposer
 from sagalog.raft import EXIT_STORAGE_FAILURE, SagaLogRaft, fail_stop, leader_address
+from sagalog.raft.status import ROLE_NAMES
 from sagalog.rocks import RocksKV
 
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -158,6 +162,9 @@ class Node:
         self.feed: AppliedFeed | None = AppliedFeed(self._loop)
         self.raft: SagaLogRaft | None = None
         self.health = HealthReporter(self.can_serve)
+        self.metrics = Metrics(config.id, self.metrics_state)
+        self._leader_seen: str | None = None
+        self._leader_changes = 0
         self.server = self._on_loop(self._start_server())
         self.proposer: Proposer | None = None
         self._stopping = threading.Event()
@@ -189,13 +196,16 @@ class Node:
         raft.saga_log.listener = self._on_applied
         raft.on_store_replaced = self._store_replaced
         self.raft = raft
-        self.proposer = Proposer(self.raft, self.config.max_in_flight_proposals)
+        self.proposer = Proposer(
+            self.raft, self.config.max_in_flight_proposals, self.metrics.observe_commit
+        )
         self.service.attach(self.raft, self.proposer, self.in_office, self.office_term)
         self._duties.start()
         self.retention = Retention(
             self.config.ended_retention_s, self.in_office, self._oldest_ended_ms, self._propose_one
         )
         self.retention.start()
+        self._start_http()
         log.info(
             "node %s: raft %s, grpc %s, data %s",
             self.config.id,
@@ -242,6 +252,43 @@ class Node:
         raft = self.raft
         return serving(raft.status() if raft is not None else None, self.in_office())
 
+    def metrics_state(self) -> NodeState | None:
+        """The node's state for a scrape (None until Raft starts)."""
+        raft = self.raft
+        if raft is None:
+            return None
+        status = raft.status()
+        with raft.reading() as saga_log:
+            epoch = saga_log.epoch().number
+        feed = self.feed
+        return NodeState(
+            term=status.term,
+            role=ROLE_NAMES.get(status.role, "follower"),
+            in_office=self.in_office(),
+            epoch=epoch,
+            commit_index=status.commit_index,
+            applied_index=status.applied_index,
+            sagas_in_flight=self.sagas_in_flight(),
+            admission_limit=self.saga_limit(),
+            journal_bytes=raft.journal_bytes(),
+            snapshot_age_s=raft.snapshot_age_s(),
+            push_streams=feed.subscriptions if feed is not None else 0,
+            leader_changes=self._leader_changes,
+        )
+
+    def _start_http(self) -> None:
+        """The metrics and web listeners (one when their addresses are equal)."""
+        metrics = Routes()
+        metrics.add("GET", "/metrics", self._scrape)
+        self._http: list[HttpServer] = []
+        if self.config.metrics_addr:
+            self._http.append(HttpServer(self.config.metrics_addr, metrics))
+        for server in self._http:
+            server.start()
+
+    def _scrape(self, request: Request) -> Response:
+        return Response(200, CONTENT_TYPE_LATEST, self.metrics.exposition())
+
     def _on_loop(self, coro: Any, timeout_s: float = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
@@ -262,7 +309,9 @@ class Node:
             ],
         )
         cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, server)
-        sagas = SagasService(self, self.config.participant_allow, node_tls(self.config))
+        sagas = SagasService(
+            self, self.config.participant_allow, node_tls(self.config), self.metrics.refused_submit
+        )
         sagas_pb2_grpc.add_SagasServicer_to_server(sagas, server)
         add_health_and_reflection(server, self.health)
         tls = node_tls(self.config)
@@ -282,6 +331,7 @@ class Node:
         coordinator while there is one."""
         if self.feed is not None:
             self.feed.publish(records)
+        self.metrics.on_applied(records)
         with self._listener_lock:
             if self.driver is not None:
                 self.driver.on_applied(records)
@@ -292,6 +342,7 @@ class Node:
         """A snapshot replaced the store (Raft thread): readers start again from it."""
         if self.feed is not None:
             self.feed.reset()
+        self.metrics.forget_starts()
         with self._listener_lock:  # in order with the records, on either side of a switch
             if self.standby is not None:
                 self.standby.reset()
@@ -307,6 +358,8 @@ class Node:
 
     def stop(self) -> None:
         self._stopping.set()
+        for http in getattr(self, "_http", ()):
+            http.stop()
         try:
             self._on_loop(self.health.stop(), timeout_s=1.0)  # load balancers drain first
             self._on_loop(self.server.stop(grace=1.0), timeout_s=3.0)
@@ -330,6 +383,7 @@ class Node:
         assert self.raft is not None
         while not self._stopping.wait(DUTY_PERIOD_S):
             try:
+                self._count_leader_change()
                 if not self.registered and leader_address(self.raft) is not None:
                     self._register()
                 if raft_role(self.raft) == cluster_pb2.LEADER:
@@ -349,6 +403,14 @@ class Node:
             except Exception:
                 log.exception("driver management failed; retrying")
 
+    def _count_leader_change(self) -> None:
+        assert self.raft is not None
+        leader = leader_address(self.raft)
+        if leader is not None and leader != self._leader_seen:
+            if self._leader_seen is not None:
+                self._leader_changes += 1
+            self._leader_seen = leader
+
     def _keep_driver(self) -> None:
         """The coordinator runs exactly while this node is in office."""
         assert self.raft is not None
@@ -366,6 +428,7 @@ class Node:
                     lease_s=self.config.timing.leader_fallback_ms * 2 / 3000,
                     in_office=self.in_office,
                     participants=self._participant_transport(),
+                    observe_commit=self.metrics.observe_commit,
                 )
                 with self._listener_lock:  # records applied from now on reach the driver
                     self.driver, standby, self.standby = driver, self.standby, None
@@ -379,7 +442,9 @@ class Node:
 
     def _participant_transport(self) -> ParticipantTransport:
         # Participant calls share the gRPC server's event loop.
-        calls: ParticipantTransport = ParticipantCalls(self._loop, self._participant_credentials)
+        calls: ParticipantTransport = MeteredTransport(
+            ParticipantCalls(self._loop, self._participant_credentials), self.metrics
+        )
         return calls if self._wrap_participants is None else self._wrap_participants(calls)
 
     def _stop_driver(self) -> None:

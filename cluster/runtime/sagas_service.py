@@ -227,8 +227,10 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         node: NodeView,
         participant_allow: tuple[str, ...] = (),
         tls: TlsFiles | None = None,  # how this node dials the leader
+        on_refused: Callable[[str], None] = lambda reason: None,  # admission: why
     ) -> None:
         self._node = node
+        self._on_refused = on_refused
         self._participant_allow = participant_allow
         self._tls = tls
         # Stubs on one channel per leader address, never closed while calls may use
@@ -398,6 +400,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         in_flight = self._node.sagas_in_flight() + admitting
         limit = self._node.saga_limit()
         if in_flight >= limit:
+            self._on_refused("limit")
             raise Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{in_flight} sagas are in flight; the limit is {limit} now "
@@ -405,6 +408,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             )
         lag = self._node.coordinator_lag_s()
         if lag > MAX_COORDINATOR_LAG_S:
+            self._on_refused("coordinator_lag")
             raise Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the coordinator is {lag * 1000:.0f} ms behind "

@@ -106,6 +106,7 @@ class NodeSpec:
     data_dir: str
     log_path: str
     pid: int = 0
+    http_addr: str = ""  # the web page and /metrics ("": not served)
 
 
 class LocalCluster:
@@ -125,11 +126,14 @@ class LocalCluster:
         auth: bool = False,
         tls: bool = False,
         participant_tls: bool = False,
+        http: bool = False,
     ) -> None:
         """`auth`: an auth file with a token per role (`tokens`). `tls`: development
         certificates in `<base>/tls` (`tls_dir`; cluster.tls.make_dev_certs), every
         node serving gRPC with TLS and dialing its peers with it. `participant_tls`:
-        the coordinator dials participants with TLS (TravelParticipants(tls_dir=...))."""
+        the coordinator dials participants with TLS (TravelParticipants(tls_dir=...)).
+        `http`: each node serves its web page and /metrics on a port of its own
+        (`specs[id].http_addr`)."""
         if nodes not in (3, 5):
             raise ValueError(f"a local cluster has 3 or 5 nodes, not {nodes}")
         self.base_dir = os.path.abspath(base_dir)
@@ -165,14 +169,15 @@ class LocalCluster:
                 extra_args = (*extra_args, "--participant-tls-ca", ca)
         # Tests and benches that append raw records turn on Cluster.Propose.
         self.extra_args = (*extra_args, "--test-propose") if test_propose else extra_args
-        ports = free_ports(2 * nodes, host)
+        ports = free_ports(3 * nodes, host)
         self.specs = {
             f"n{i + 1}": NodeSpec(
                 id=f"n{i + 1}",
-                raft_addr=f"{host}:{ports[2 * i]}",
-                grpc_addr=f"{host}:{ports[2 * i + 1]}",
+                raft_addr=f"{host}:{ports[3 * i]}",
+                grpc_addr=f"{host}:{ports[3 * i + 1]}",
                 data_dir=os.path.join(self.base_dir, f"n{i + 1}"),
                 log_path=os.path.join(self.base_dir, f"n{i + 1}.log"),
+                http_addr=f"{host}:{ports[3 * i + 2]}" if http else "",
             )
             for i in range(nodes)
         }
@@ -206,6 +211,8 @@ class LocalCluster:
             if other.id != node_id:
                 cmd += ["--peer", f"{other.id}={other.raft_addr},{other.grpc_addr}"]
         cmd += ["--raft-password-file", self.password_file]
+        if spec.http_addr:
+            cmd += ["--http-addr", spec.http_addr, "--metrics-addr", spec.http_addr]
         if node_id in self.fault_files:
             cmd += ["--fault-file", self.fault_files[node_id]]
         if self.timing is not None or self.settings:

@@ -394,6 +394,16 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         fresh = 1 + sum(1 for n in voters if last.get(n, 0.0) > deadline)
         return fresh > (len(voters) + 1) / 2
 
+    def journal_bytes(self) -> int:
+        return self._journal.size_bytes
+
+    def snapshot_age_s(self) -> float | None:
+        """Seconds since the last snapshot was written (None: there is none)."""
+        try:
+            return max(0.0, time.time() - os.path.getmtime(self._path("snapshot")))
+        except OSError:
+            return None
+
     def status(self) -> RaftStatus:
         """This node's Raft state (role, term, leader, commit and applied index)."""
         return raft_status(self)

@@ -1,10 +1,13 @@
 """What an operator's stock tools see on a real cluster with auth on: gRPC health
-(without a token, as load balancers probe) and server reflection (with one)."""
+(without a token, as load balancers probe), server reflection (with one), and
+Prometheus metrics moving under load."""
 
 from __future__ import annotations
 
 import signal
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -13,10 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.auth import bearer
+from cluster.client.saga_client import SagaClient
 from cluster.grpcutil import channel_to
 from cluster.testkit.launcher import LocalCluster
+from cluster.testkit.travel import TravelParticipants, travel_definition
 
 pytestmark = pytest.mark.cluster
 
@@ -26,8 +32,19 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
-    with LocalCluster(str(tmp_path_factory.mktemp("ops")), nodes=3, auth=True).running() as c:
+    base = str(tmp_path_factory.mktemp("ops"))
+    with LocalCluster(base, nodes=3, auth=True, http=True).running() as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def travel(tmp_path_factory, cluster) -> Iterator[TravelParticipants]:
+    parts = TravelParticipants(
+        str(tmp_path_factory.mktemp("ops-parts")),
+        extra_args={"Car": ["--refuse-saga-substring", "nocar"]},
+    )
+    with parts:
+        yield parts
 
 
 def _health(addr: str, service: str = "", timeout_s: float = 2.0) -> int:
@@ -101,6 +118,98 @@ def test_a_stopping_node_tells_its_health_watchers_it_no_longer_serves(cluster) 
     cluster.start(victim)
     for spec in cluster.specs.values():
         _wait_health(spec.grpc_addr, "saga.v1.Sagas", SERVING, timeout_s=20)
+
+
+def _scrape(addr: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a node's /metrics: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as reply:
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _total(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+def test_a_scrape_under_load_shows_the_counters_and_histograms_moving(cluster, travel) -> None:
+    """Sagas run (some refused by Car) while the leader and a follower are scraped:
+    both count the same applied sagas; only the leader times participant calls."""
+    leader = cluster.leader_id()
+    follower = next(n for n in cluster.specs if n != leader)
+    leader_http = cluster.specs[leader].http_addr
+    before = {n: _scrape(cluster.specs[n].http_addr) for n in (leader, follower)}
+    definition = travel_definition(travel.endpoints)
+    addrs = [s.grpc_addr for s in cluster.specs.values()]
+    ids = [f"metrics-{i}" + ("-nocar" if i % 4 == 0 else "") for i in range(80)]
+    during: list[dict] = []
+    stop = threading.Event()
+
+    def scrape_while_running() -> None:
+        while not stop.wait(0.05) and len(during) < 200:
+            during.append(_scrape(leader_http))
+
+    scraper = threading.Thread(target=scrape_while_running)
+    scraper.start()
+    try:
+        with SagaClient(addrs, token=cluster.tokens["client"]) as client:
+            threads = [
+                threading.Thread(
+                    target=lambda chunk=ids[k::4]: [client.run(definition, b"{}", i) for i in chunk]
+                )
+                for k in range(4)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+    finally:
+        stop.set()
+        scraper.join(10)
+    aborted = sum(1 for i in ids if "nocar" in i)
+    deadline = time.monotonic() + 10
+    while True:  # the follower applies the last EndSagas a moment after the client hears
+        after = {n: _scrape(cluster.specs[n].http_addr) for n in (leader, follower)}
+        done = _total(after[follower], "saga_sagas_completed_total", definition="travel")
+        if done - _total(before[follower], "saga_sagas_completed_total") >= len(ids) - aborted:
+            break
+        assert time.monotonic() < deadline, "the follower's counters did not catch up"
+        time.sleep(0.1)
+
+    for node in (leader, follower):
+        now, then = after[node], before[node]
+        assert _moved(now, then, "saga_sagas_started_total", definition="travel") == len(ids)
+        completed = _moved(now, then, "saga_sagas_completed_total", definition="travel")
+        assert completed == len(ids) - aborted
+        assert _moved(now, then, "saga_sagas_aborted_total", definition="travel") == aborted
+        timed = _moved(now, then, "saga_duration_seconds_count", outcome="completed")
+        assert timed == len(ids) - aborted
+        assert _moved(now, then, "saga_duration_seconds_sum") > 0
+        assert _moved(now, then, "saga_records_per_entry_count") > 0
+        assert _total(now, "saga_raft_term") >= 1
+    now, then = after[leader], before[leader]
+    assert _total(now, "saga_raft_role", role="leader") == 1
+    assert _total(now, "saga_in_office") == 1
+    assert _total(after[follower], "saga_raft_role", role="follower") == 1
+    calls = "saga_participant_call_seconds_count"
+    assert _moved(now, then, calls, vertex="Car", outcome="refused") == aborted
+    assert _moved(now, then, calls, kind="request", outcome="ok") >= 4 * (len(ids) - aborted)
+    assert _moved(now, then, "saga_commit_seconds_count") > 0
+    assert _total(now, "saga_journal_bytes") > 0
+    # Only the leader's coordinator calls participants.
+    assert _moved(after[follower], before[follower], calls) == 0
+    # Scraped during the run: the started counter climbed between scrapes.
+    started = [_total(s, "saga_sagas_started_total") for s in during]
+    assert len(set(started)) >= 2, started
+
+
+def _moved(now: dict, then: dict, name: str, **labels: str) -> float:
+    return _total(now, name, **labels) - _total(then, name, **labels)
 
 
 class _Metadata(grpc.StreamStreamClientInterceptor):

@@ -161,3 +161,24 @@ def test_participant_allow_list_from_flags() -> None:
 def test_an_auth_file_needs_a_raft_password(tmp_path) -> None:
     with pytest.raises(ValueError, match="--auth-file needs --raft-password-file"):
         from_args(BASE + ["--auth-file", str(tmp_path / "auth.toml")])
+
+
+def test_the_web_page_on_a_public_address_needs_tls_and_auth_as_grpc_does(tmp_path) -> None:
+    secret = tmp_path / "raft.secret"
+    secret.write_text("a-long-enough-secret")
+    base = [
+        "--id", "n1", "--raft-addr", "127.0.0.1:7001", "--grpc-addr", "127.0.0.1:8001",
+        "--data-dir", str(tmp_path / "n1"), "--raft-password-file", str(secret),
+        "--peer", "n2=127.0.0.1:7002,127.0.0.1:8002", "--peer", "n3=127.0.0.1:7003,127.0.0.1:8003",
+    ]  # fmt: skip
+    config, _ = from_args(
+        [*base, "--http-addr", "127.0.0.1:9001", "--metrics-addr", "0.0.0.0:9100"]
+    )
+    assert config.http_addr == "127.0.0.1:9001" and config.metrics_addr == "0.0.0.0:9100"
+    with pytest.raises(ValueError, match="not loopback"):
+        from_args([*base, "--http-addr", "0.0.0.0:9001"])
+    assert from_args([*base, "--http-addr", "0.0.0.0:9001", "--insecure-grpc"])[0].insecure_grpc
+    with pytest.raises(ValueError, match="--metrics-addr"):
+        from_args([*base, "--metrics-addr", "nowhere"])
+    with pytest.raises(SystemExit):  # argparse: an unknown choice
+        from_args([*base, "--log-format", "xml"])
