@@ -70,10 +70,19 @@ class Routes:
 
 
 class HttpServer:
-    def __init__(self, addr: str, routes: Routes, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        addr: str,
+        routes: Routes,
+        tls: ssl.SSLContext | None = None,
+        allowed_hosts: frozenset[str] | None = None,
+    ) -> None:
+        """`allowed_hosts`: the Host headers served (None: any). A page on another
+        site whose name resolves to a loopback address (DNS rebinding) sends its own
+        name, and is refused."""
         host, _, port = addr.rpartition(":")
         self._slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
-        handler = _handler_class(routes, self._slots)
+        handler = _handler_class(routes, self._slots, allowed_hosts)
         self._server = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
         self._server.daemon_threads = True
         if tls is not None:
@@ -92,7 +101,9 @@ class HttpServer:
         self._server.server_close()
 
 
-def _handler_class(routes: Routes, slots: threading.BoundedSemaphore) -> type:
+def _handler_class(
+    routes: Routes, slots: threading.BoundedSemaphore, allowed_hosts: frozenset[str] | None
+) -> type:
     class _Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "sagacluster"
@@ -122,6 +133,8 @@ def _handler_class(routes: Routes, slots: threading.BoundedSemaphore) -> type:
                 slots.release()
 
         def _answer(self, method: str) -> Response:
+            if allowed_hosts is not None and self.headers.get("Host") not in allowed_hosts:
+                return Response(421, "text/plain", b"this node does not serve that host name")
             url = urlsplit(self.path)
             handler, match, other_method = routes.find(method, url.path)
             if handler is None:

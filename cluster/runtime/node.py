@@ -35,6 +35,7 @@ from cluster.runtime.push import AppliedFeed
 from cluster.runtime.retention import Retention
 from cluster.runtime.sagas_service import MAX_PUSH_STREAMS, SagasService
 from cluster.runtime.service import ClusterService, raft_role
+from cluster.runtime.web import WebGateway, allowed_hosts, http_tls
 from coordinator.admission import MAX_LIMIT
 from coordinator.calls import ParticipantCalls, ParticipantTransport
 from coordinator.driver import Driver
@@ -163,6 +164,8 @@ class Node:
         self.raft: SagaLogRaft | None = None
         self.health = HealthReporter(self.can_serve)
         self.metrics = Metrics(config.id, self.metrics_state)
+        self._http: list[HttpServer] = []
+        self.web: WebGateway | None = None
         self._leader_seen: str | None = None
         self._leader_changes = 0
         self.server = self._on_loop(self._start_server())
@@ -278,11 +281,21 @@ class Node:
 
     def _start_http(self) -> None:
         """The metrics and web listeners (one when their addresses are equal)."""
+        config = self.config
         metrics = Routes()
         metrics.add("GET", "/metrics", self._scrape)
-        self._http: list[HttpServer] = []
-        if self.config.metrics_addr:
-            self._http.append(HttpServer(self.config.metrics_addr, metrics))
+        if config.http_addr:
+            self.web = WebGateway(config)
+            routes = self.web.routes()
+            if config.metrics_addr == config.http_addr:
+                routes.extend(metrics)
+            self._http.append(
+                HttpServer(
+                    config.http_addr, routes, http_tls(config), allowed_hosts(config.http_addr)
+                )
+            )
+        if config.metrics_addr and config.metrics_addr != config.http_addr:
+            self._http.append(HttpServer(config.metrics_addr, metrics))
         for server in self._http:
             server.start()
 
@@ -358,8 +371,10 @@ class Node:
 
     def stop(self) -> None:
         self._stopping.set()
-        for http in getattr(self, "_http", ()):
+        for http in self._http:
             http.stop()
+        if self.web is not None:
+            self.web.close()
         try:
             self._on_loop(self.health.stop(), timeout_s=1.0)  # load balancers drain first
             self._on_loop(self.server.stop(grace=1.0), timeout_s=3.0)

@@ -1,0 +1,374 @@
+"""The web page every node serves at `--http-addr`: the cluster, a searchable saga
+list, and a page per saga drawing its DAG, live.
+
+The page is static files (`cluster/runtime/static/`, no build step) over a small
+JSON API. The API is a gateway to this node's own gRPC services, called with the
+browser's bearer token: the same methods, roles and checks as any gRPC client
+(Abort and Resolve need the operator role when auth is on), and nothing a page
+sends can reach the log another way. Live updates are server-sent events fed by
+this node's Watch stream (the push path). POSTs must carry JSON, so that a form
+on another site cannot post to a node on the operator's loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+import threading
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2_grpc
+
+from cluster.grpcutil import channel_to
+from cluster.runtime.config import NodeConfig, is_loopback, node_tls
+from cluster.runtime.httpserver import Handler, Request, Response, Routes
+
+log = logging.getLogger("sagacluster.web")
+
+CALL_TIMEOUT_S = 3.0
+STATUS_TIMEOUT_S = 1.0
+MAX_EVENT_STREAMS = 32  # pages following a saga live on this node at once
+EVENT_HEARTBEAT_S = 5.0  # a comment line this often: finds pages that went away
+MAX_LIST_SCAN = 5_000  # sagas a search reads through before it answers
+MAX_LIST_RESULTS = 200
+MAX_OUTPUT_CHARS = 200  # of a vertex's output, shown as text
+
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/static/common.js": ("common.js", "text/javascript; charset=utf-8"),
+    "/static/index.js": ("index.js", "text/javascript; charset=utf-8"),
+    "/static/saga.js": ("saga.js", "text/javascript; charset=utf-8"),
+}
+SAGA_ID = r"(?P<saga_id>[^/]{1,256})"
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(status, "application/json", json.dumps(value).encode())
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+def record_json(seq: int, record: log_pb2.Record) -> dict[str, Any]:
+    """A record for the timeline: its body's name and fields (bytes as a length)."""
+    body = record.WhichOneof("body") or ""
+    msg = getattr(record, body) if body else None
+    fields = (
+        json_format.MessageToDict(msg, preserving_proto_field_name=True) if msg is not None else {}
+    )
+    fields.pop("definition", None)  # drawn as the DAG
+    for name in ("payload", "output"):
+        if name in fields:
+            fields[name] = f"{len(getattr(msg, name))} bytes"
+    return {
+        "seq": seq,
+        "time_unix_ms": record.time_unix_ms,
+        "epoch": record.epoch,
+        "body": body,
+        "fields": fields,
+    }
+
+
+def saga_json(info: sagas_pb2.SagaInfo) -> dict[str, Any]:
+    """A saga for its page: state, the DAG with each vertex's state, the records."""
+    definition = next(
+        (r.start_saga.definition for r in info.records if r.WhichOneof("body") == "start_saga"),
+        log_pb2.SagaDefinition(),
+    )
+    shape = {v.name: v for v in definition.vertices}
+    vertices = []
+    for v in info.vertices:
+        d = shape.get(v.name, log_pb2.Vertex())
+        vertices.append(
+            {
+                "name": v.name,
+                "state": sagas_pb2.VertexState.Name(v.state),
+                "attempts": v.attempts,
+                "compensation_attempts": v.compensation_attempts,
+                "output": v.output[:MAX_OUTPUT_CHARS].decode(errors="replace"),
+                "error": v.error,
+                "depends_on": list(d.depends_on),
+                "endpoint": d.endpoint,
+                "request": d.request,
+                "compensation": d.compensation,
+            }
+        )
+    return {
+        "saga_id": info.saga_id,
+        "state": sagas_pb2.SagaState.Name(info.state),
+        "name": info.name,
+        "abort_reason": info.abort_reason,
+        "started_unix_ms": info.started_unix_ms,
+        "ended_unix_ms": info.ended_unix_ms,
+        "purged": info.purged,
+        "vertices": vertices,
+        "records": [record_json(i + 1, r) for i, r in enumerate(info.records)],
+    }
+
+
+def http_tls(config: NodeConfig) -> ssl.SSLContext | None:
+    """HTTPS with the node's own certificate, when it serves gRPC with TLS."""
+    if not config.tls_cert or not config.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+def allowed_hosts(addr: str) -> frozenset[str] | None:
+    """On a loopback address, the Host headers that name it; elsewhere any (the
+    operator chose the name, and auth and TLS are required there)."""
+    if not is_loopback(addr):
+        return None
+    host, _, port = addr.rpartition(":")
+    return frozenset({addr, f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", host})
+
+
+class WebGateway:
+    """The JSON API and static files, calling this node's gRPC server."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self._config = config
+        self._channel = channel_to(config.grpc_addr, node_tls(config))
+        self._sagas = sagas_pb2_grpc.SagasStub(self._channel)
+        self._streams = threading.BoundedSemaphore(MAX_EVENT_STREAMS)
+        self._peer_channels = {
+            p.id: channel_to(p.grpc_addr, node_tls(config)) for p in config.peers
+        }
+        self._peer_channels[config.id] = self._channel
+
+    def routes(self) -> Routes:
+        routes = Routes()
+        for path in STATIC:
+            routes.add("GET", path, self._static)
+        routes.add("GET", "/sagas/" + SAGA_ID, self._static_saga)
+        routes.add("GET", "/favicon.ico", lambda request: Response(204, "image/x-icon"))
+        api = [
+            ("GET", "/api/cluster", self._cluster),
+            ("GET", "/api/sagas", self._list),
+            ("GET", "/api/sagas/" + SAGA_ID, self._get),
+            ("GET", "/api/sagas/" + SAGA_ID + "/events", self._events),
+            ("POST", "/api/sagas/" + SAGA_ID + "/abort", self._abort),
+            ("POST", "/api/sagas/" + SAGA_ID + "/resolve", self._resolve),
+        ]
+        for method, path, handler in api:
+            routes.add(method, path, _answering_refusals(handler))
+        return routes
+
+    def close(self) -> None:
+        for channel in self._peer_channels.values():
+            channel.close()
+
+    # ---- static files ----------------------------------------------------------------
+
+    def _static(self, request: Request) -> Response:
+        name, content_type = STATIC[request.path]
+        return self._file(name, content_type)
+
+    def _static_saga(self, request: Request) -> Response:
+        return self._file("saga.html", "text/html; charset=utf-8")
+
+    @staticmethod
+    def _file(name: str, content_type: str) -> Response:
+        body = resources.files("cluster.runtime").joinpath("static", name).read_bytes()
+        return Response(200, content_type, body, {"Cache-Control": "no-cache"})
+
+    # ---- the API ---------------------------------------------------------------------
+
+    @staticmethod
+    def _metadata(request: Request) -> list[tuple[str, str]]:
+        auth = request.headers.get("Authorization")
+        return [("authorization", auth)] if auth else []
+
+    def _call(self, method: Any, message: Any, request: Request) -> Any:
+        try:
+            return method(message, timeout=CALL_TIMEOUT_S, metadata=self._metadata(request))
+        except grpc.RpcError as exc:
+            raise _Refused(exc) from None
+
+    def _cluster(self, request: Request) -> Response:
+        nodes = []
+        for node_id, channel in sorted(self._peer_channels.items()):
+            try:
+                status = cluster_pb2_grpc.ClusterStub(channel).Status(
+                    cluster_pb2.StatusRequest(),
+                    timeout=STATUS_TIMEOUT_S,
+                    metadata=self._metadata(request),
+                )
+            except grpc.RpcError as exc:
+                if exc.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ):
+                    return _error(_HTTP_STATUS[exc.code()], exc.details() or exc.code().name)
+                nodes.append({"id": node_id, "reachable": False, "error": exc.code().name})
+                continue
+            nodes.append(
+                {
+                    "id": status.id,
+                    "reachable": True,
+                    "role": cluster_pb2.Role.Name(status.role).lower(),
+                    "term": status.term,
+                    "epoch": status.epoch,
+                    "commit_index": status.commit_index,
+                    "applied_index": status.applied_index,
+                    "leader_id": status.leader_id,
+                    "in_office": status.in_office,
+                    "ready": status.ready,
+                }
+            )
+        return _json({"served_by": self._config.id, "nodes": nodes})
+
+    def _list(self, request: Request) -> Response:
+        state_name = request.params.get("state", "")
+        try:
+            state = sagas_pb2.SagaState.Value(state_name) if state_name else 0
+        except ValueError:
+            return _error(400, f"unknown state {state_name!r}")
+        query = request.params.get("q", "").lower()
+        token = request.params.get("page_token", "")
+        found: list[dict[str, str]] = []
+        scanned = 0
+        while len(found) < MAX_LIST_RESULTS and scanned < MAX_LIST_SCAN:
+            reply = self._call(
+                self._sagas.List,
+                sagas_pb2.ListRequest(state=state, page_size=1000, page_token=token),  # type: ignore[arg-type]
+                request,
+            )
+            for summary in reply.sagas:
+                scanned += 1
+                if query in summary.saga_id.lower() or query in summary.name.lower():
+                    found.append(
+                        {
+                            "saga_id": summary.saga_id,
+                            "state": sagas_pb2.SagaState.Name(summary.state),
+                            "name": summary.name,
+                        }
+                    )
+            token = reply.next_page_token
+            if not token:
+                break
+        return _json({"sagas": found, "next_page_token": token, "scanned": scanned})
+
+    def _get(self, request: Request) -> Response:
+        saga_id = request.match["saga_id"]  # type: ignore[index]
+        info = self._call(self._sagas.Get, sagas_pb2.GetRequest(saga_id=saga_id), request)
+        return _json(saga_json(info))
+
+    def _abort(self, request: Request) -> Response:
+        body = _json_body(request)
+        if isinstance(body, Response):
+            return body
+        saga_id = request.match["saga_id"]  # type: ignore[index]
+        reason = str(body.get("reason") or "aborted from the web page")
+        self._call(
+            self._sagas.Abort, sagas_pb2.AbortRequest(saga_id=saga_id, reason=reason), request
+        )
+        return _json({})
+
+    def _resolve(self, request: Request) -> Response:
+        body = _json_body(request)
+        if isinstance(body, Response):
+            return body
+        vertex, reason = str(body.get("vertex") or ""), str(body.get("reason") or "")
+        if not vertex or not reason:
+            return _error(400, "give the vertex and the reason (it is logged)")
+        saga_id = request.match["saga_id"]  # type: ignore[index]
+        message = sagas_pb2.ResolveRequest(saga_id=saga_id, vertex=vertex, reason=reason)
+        self._call(self._sagas.Resolve, message, request)
+        return _json({})
+
+    def _events(self, request: Request) -> Response:
+        """Server-sent events: each of the saga's records from `from` on, as this node
+        applies them (its Watch stream), then an `end` event."""
+        if not self._streams.acquire(blocking=False):
+            return _error(429, f"{MAX_EVENT_STREAMS} pages already follow sagas on this node")
+        saga_id = request.match["saga_id"]  # type: ignore[index]
+        try:
+            from_seq = max(0, int(request.params.get("from", "0")))
+        except ValueError:
+            self._streams.release()
+            return _error(400, "from: a record number")
+        call = self._sagas.Watch(
+            sagas_pb2.WatchRequest(saga_id=saga_id, from_seq=from_seq),
+            metadata=self._metadata(request),
+        )
+        return Response(200, "text/event-stream", self._stream(call))
+
+    def _stream(self, call: Any) -> Iterator[bytes]:
+        events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1024)
+
+        def pump() -> None:  # the blocking Watch, on a thread of its own
+            try:
+                for event in call:
+                    events.put(("record", record_json(event.seq, event.record)))
+                events.put(("end", {}))
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.CANCELLED:
+                    events.put(("error", {"code": exc.code().name, "error": exc.details()}))
+                else:
+                    events.put(("end", {}))
+
+        threading.Thread(target=pump, name="web-watch", daemon=True).start()
+        try:
+            yield b"retry: 1000\n\n"
+            while True:
+                try:
+                    kind, data = events.get(timeout=EVENT_HEARTBEAT_S)
+                except queue.Empty:
+                    yield b": heartbeat\n\n"
+                    continue
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+                if kind != "record":
+                    return
+        finally:
+            call.cancel()
+            self._streams.release()
+
+
+class _Refused(Exception):
+    def __init__(self, exc: grpc.RpcError) -> None:
+        self.status = _HTTP_STATUS.get(exc.code(), 502)
+        self.message = exc.details() or exc.code().name
+        super().__init__(self.message)
+
+
+def _answering_refusals(handler: Handler) -> Handler:
+    """A gRPC refusal becomes the HTTP status that says the same."""
+
+    def answer(request: Request) -> Response:
+        try:
+            return handler(request)
+        except _Refused as exc:
+            return _error(exc.status, exc.message)
+
+    return answer
+
+
+def _json_body(request: Request) -> dict[str, Any] | Response:
+    if not (request.headers.get("Content-Type") or "").startswith("application/json"):
+        return _error(415, "send application/json")
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        return _error(400, "the body is not JSON")
+    return body if isinstance(body, dict) else _error(400, "send a JSON object")
