@@ -137,6 +137,13 @@ class ParticipantCalls:
         answer: Callable[[core.Reply], None],
     ) -> None:
         vertex = request.vertex
+        # The fields a JSON log line carries (cluster.logformat.SAGA_FIELDS).
+        about = {
+            "saga_id": request.saga_id,
+            "vertex": vertex,
+            "epoch": request.epoch,
+            "attempt": request.attempt,
+        }
         try:
             stub = self._stub(endpoint)
             method = stub.Compensate if compensation else stub.Execute
@@ -145,10 +152,12 @@ class ParticipantCalls:
         except grpc.aio.AioRpcError as exc:
             # The transport's own text stays in this node's log: it can name hosts
             # and addresses inside the cluster's network.
-            log.info("saga %s: %s unreachable: %s", request.saga_id, vertex, exc.details())
+            log.info(
+                "saga %s: %s unreachable: %s", request.saga_id, vertex, exc.details(), extra=about
+            )
             result = core.Reply(None, error=unreachable(vertex, exc.code().name))
         except Exception as exc:  # e.g. an endpoint gRPC cannot parse
-            log.info("saga %s: cannot call %s: %s", request.saga_id, vertex, exc)
+            log.info("saga %s: cannot call %s: %s", request.saga_id, vertex, exc, extra=about)
             result = core.Reply(None, error=unreachable(vertex, "ERROR"))
         answer(result)
 

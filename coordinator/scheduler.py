@@ -224,7 +224,12 @@ class Scheduler:
                 if res.code == log_pb2.REJECT_STALE_EPOCH:
                     fenced = True
                 else:
-                    log.warning("record %s rejected: %s", found, res.reason)
+                    log.warning(
+                        "record %s rejected: %s",
+                        found,
+                        res.reason,
+                        extra={"saga_id": found[0], "epoch": self.epoch},
+                    )
         self._release(identities)
         return fenced
 

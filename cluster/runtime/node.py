@@ -24,7 +24,7 @@ import grpc
 from prometheus_client import CONTENT_TYPE_LATEST
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 
-from cluster import auth
+from cluster import auth, logformat
 from cluster.grpcutil import PENDING_REQUEST_OPTIONS, channel_to
 from cluster.runtime import identity as ident
 from cluster.runtime.config import NodeConfig, from_args, node_tls, participant_tls
@@ -560,10 +560,7 @@ def main(argv: list[str] | None = None, wrap_participants: TransportWrapper | No
     # sagas missed its 300 ms fallback and lost office again and again.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     _watch_gc()
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s {config.id} %(levelname)s %(name)s: %(message)s",
-    )
+    logformat.configure(config.id, level, config.log_format)
     node = None
     try:
         me = ident.open_data_dir(config.data_dir, config.id)

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -38,6 +39,7 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2
 
 from cluster import auth
 from cluster.grpcutil import channel_to
+from cluster.logformat import saga_fields
 from cluster.runtime import statuses
 from cluster.runtime.push import AppliedFeed, Subscription
 from cluster.runtime.service import READ_INDEX_TIMEOUT_S
@@ -51,6 +53,8 @@ from sagalog.log import SagaLog
 from sagalog.proposer import ProposeError, Proposer
 from sagalog.readindex import ReadRefused
 from sagalog.transitions import Comp, Phase, Req
+
+log = logging.getLogger("sagacluster.sagas")
 
 FORWARDED = "x-saga-forwarded"
 DEFAULT_PAGE_SIZE = 100
@@ -477,6 +481,12 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         # A conflict is another AbortSaga already logged: aborted, as asked.
         if result.verdict == log_pb2.REJECTED and result.code != log_pb2.REJECT_CONFLICT:
             raise Refusal(statuses.rejected(result), result.reason)
+        log.info(
+            "saga %s aborted on request: %s",
+            request.saga_id,
+            reason,
+            extra=saga_fields(request.saga_id, epoch=epoch),
+        )
         return sagas_pb2.AbortReply()
 
     @_answers
@@ -515,6 +525,13 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                 else statuses.rejected(result)
             )
             raise Refusal(code, result.reason)
+        log.info(
+            "saga %s: %s's compensation resolved by an operator: %s",
+            request.saga_id,
+            request.vertex,
+            request.reason,
+            extra=saga_fields(request.saga_id, request.vertex, epoch),
+        )
         return sagas_pb2.ResolveReply()
 
     # ---- reads -----------------------------------------------------------------------

@@ -4,6 +4,7 @@ Prometheus metrics moving under load."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from saga.v1 import sagas_pb2
 
 from cluster.auth import bearer
 from cluster.client.saga_client import SagaClient
@@ -33,7 +35,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
     base = str(tmp_path_factory.mktemp("ops"))
-    with LocalCluster(base, nodes=3, auth=True, http=True).running() as c:
+    cluster = LocalCluster(base, nodes=3, auth=True, http=True, extra_args=("--log-format", "json"))
+    with cluster.running() as c:
         yield c
 
 
@@ -41,7 +44,8 @@ def cluster(tmp_path_factory) -> Iterator[LocalCluster]:
 def travel(tmp_path_factory, cluster) -> Iterator[TravelParticipants]:
     parts = TravelParticipants(
         str(tmp_path_factory.mktemp("ops-parts")),
-        extra_args={"Car": ["--refuse-saga-substring", "nocar"]},
+        # Hotel takes 100 ms: sagas are still running when the test aborts one.
+        extra_args={"Car": ["--refuse-saga-substring", "nocar"], "Hotel": ["--latency-ms", "100"]},
     )
     with parts:
         yield parts
@@ -118,6 +122,30 @@ def test_a_stopping_node_tells_its_health_watchers_it_no_longer_serves(cluster) 
     cluster.start(victim)
     for spec in cluster.specs.values():
         _wait_health(spec.grpc_addr, "saga.v1.Sagas", SERVING, timeout_s=20)
+
+
+def test_json_logs_are_one_object_a_line_with_the_sagas_fields(cluster, travel) -> None:
+    """With --log-format json every line a node writes is a JSON object; an
+    operator's Abort is logged with the saga's id and epoch."""
+    definition = travel_definition(travel.endpoints)
+    addrs = [s.grpc_addr for s in cluster.specs.values()]
+    with SagaClient(addrs, token=cluster.tokens["operator"]) as client:
+        client.submit(definition, b"{}", "json-logs")
+        client.abort("json-logs", "checking the logs")
+        assert client.wait_for_end("json-logs", 30).state == sagas_pb2.ABORTED
+    leader = cluster.leader_id()
+    lines = []
+    for spec in cluster.specs.values():
+        with open(spec.log_path) as f:
+            lines += [(spec.id, line) for line in f if line.strip()]
+    docs = []
+    for node, line in lines:
+        doc = json.loads(line)  # fails on any line that is not one JSON object
+        assert {"time", "level", "node", "logger", "message"} <= set(doc), doc
+        assert doc["node"] == node
+        docs.append(doc)
+    aborted = [d for d in docs if d.get("saga_id") == "json-logs" and "aborted" in d["message"]]
+    assert aborted and aborted[0]["node"] == leader and aborted[0]["epoch"] >= 1, aborted
 
 
 def _scrape(addr: str) -> dict[tuple[str, tuple], float]:
