@@ -13,15 +13,22 @@ import argparse
 import json
 import os
 import sys
+import time
+import uuid
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
 import grpc
 import yaml
 from google.protobuf import json_format
+from rich.console import Console
+from rich.live import Live
+from rich.progress import MofNCompleteColumn, Progress
+from rich.table import Table
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2
 
 from cluster import auth
+from cluster.client import views
 from cluster.client.saga_client import SagaClient, client_tls
 from cluster.grpcutil import channel_to
 from cluster.localstate import grpc_addresses
@@ -29,11 +36,8 @@ from cluster.tls import TlsFiles, make_dev_certs
 
 DEFAULT_DIR = "sagacluster-data"
 PLUGIN_GROUP = "sagactl.commands"
-ROLE_NAMES = {
-    cluster_pb2.FOLLOWER: "follower",
-    cluster_pb2.CANDIDATE: "candidate",
-    cluster_pb2.LEADER: "leader",
-}
+# Piped output (scripts, logs) gets tables wide enough not to wrap their cells.
+CONSOLE = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _addresses(args: argparse.Namespace) -> list[str]:
@@ -62,42 +66,29 @@ def _status(
 
 def status_table(
     addrs: list[str], tls: TlsFiles | None = None, metadata: list[tuple[str, str]] | None = None
-) -> str:
+) -> Table:
     """Every node's own view, one row each; the members come from the first answer."""
     meta = metadata or []
     first = next((r for r in (_status(a, tls, meta) for a in addrs) if r is not None), None)
     if first is not None:
         addrs = [m.grpc_addr for m in first.members]
-    header = ("ID", "ROLE", "TERM", "EPOCH", "LEADER", "COMMIT", "APPLIED", "RAFT", "GRPC")
-    rows = [header]
-    for addr in addrs:
-        r = _status(addr, tls, meta)
-        if r is None:
-            rows.append(("?", "unreachable", "", "", "", "", "", "", addr))
-            continue
-        raft_addr = next((m.raft_addr for m in r.members if m.id == r.id), "")
-        rows.append(
-            (
-                r.id,
-                ROLE_NAMES.get(r.role, "?"),
-                str(r.term),
-                str(r.epoch),
-                r.leader_id or "-",
-                str(r.commit_index),
-                str(r.applied_index),
-                raft_addr,
-                addr,
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    return views.cluster_table([(addr, _status(addr, tls, meta)) for addr in addrs])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    print(status_table(_addresses(args)))
-    return 0
+    addrs = _addresses(args)
+    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    meta = auth.bearer(_token(args))
+    if not args.watch:
+        CONSOLE.print(status_table(addrs, tls, meta))
+        return 0
+    try:
+        with Live(status_table(addrs, tls, meta), console=CONSOLE, auto_refresh=False) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(status_table(addrs, tls, meta), refresh=True)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
@@ -191,19 +182,6 @@ def _payload(text: str | None) -> bytes:
     return text.encode()
 
 
-def _describe(record: log_pb2.Record) -> str:
-    body = record.WhichOneof("body") or "?"
-    msg = getattr(record, body)
-    fields = json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    fields.pop("definition", None)
-    if "payload" in fields:
-        fields["payload"] = f"{len(msg.payload)} bytes"
-    if "output" in fields:
-        fields["output"] = msg.output.decode(errors="replace")
-    detail = ", ".join(f"{k}={v}" for k, v in fields.items())
-    return f"{body}({detail}) epoch={record.epoch}"
-
-
 def _print_info(info: sagas_pb2.SagaInfo) -> None:
     print(f"saga {info.saga_id} ({info.name}): {sagas_pb2.SagaState.Name(info.state)}")
     if info.abort_reason:
@@ -220,12 +198,21 @@ def _print_info(info: sagas_pb2.SagaInfo) -> None:
 
 
 def _watch(client: SagaClient, saga_id: str, from_seq: int = 0) -> None:
-    for event in client.watch(saga_id, from_seq):
-        print(f"  [{event.seq:3}] {_describe(event.record)}", flush=True)
+    """Follow a saga until it ends: on a terminal, its DAG redrawn live as records
+    arrive; otherwise (a pipe, a log) one line per record."""
+    if not CONSOLE.is_terminal:
+        for event in client.watch(saga_id, from_seq):
+            print(f"  [{event.seq:3}] {views.describe(event.record)}", flush=True)
+        return
+    with Live(views.saga_dag(client.get(saga_id)), console=CONSOLE, auto_refresh=False) as live:
+        for _event in client.watch(saga_id, from_seq):
+            live.update(views.saga_dag(client.get(saga_id)), refresh=True)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     definition = load_definition(args.file)
+    if args.count != 1:
+        return _submit_many(args, definition)
     with _client(args) as client:
         try:
             saga_id = client.submit(definition, _payload(args.payload), args.id)
@@ -236,6 +223,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.watch:
             _watch(client, saga_id)
             _print_info(client.get(saga_id))
+    return 0
+
+
+MAX_BULK_SUBMITS = 1_000_000
+
+
+def _submit_many(args: argparse.Namespace, definition: log_pb2.SagaDefinition) -> int:
+    """`--count N`: N sagas, ids PREFIX-1..PREFIX-N, with a progress bar. The ids
+    are fixed, so the same command run again after a failure resubmits nothing
+    that was already accepted (Submit is idempotent by id)."""
+    if not 1 <= args.count <= MAX_BULK_SUBMITS:
+        print(f"sagactl: --count must be 1..{MAX_BULK_SUBMITS}", file=sys.stderr)
+        return 2
+    prefix = args.id or f"bulk-{uuid.uuid4().hex[:8]}"
+    payload = _payload(args.payload)
+    columns = (*Progress.get_default_columns(), MofNCompleteColumn())
+    with _client(args) as client, Progress(*columns, console=CONSOLE) as progress:
+        task = progress.add_task(f"submitting {prefix}-*", total=args.count)
+        for i in range(1, args.count + 1):
+            try:
+                client.submit(definition, payload, f"{prefix}-{i}")
+            except grpc.RpcError as exc:
+                progress.stop()
+                print(f"sagactl: {prefix}-{i}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            progress.advance(task)
+    print(f"submitted {args.count} sagas {prefix}-1 .. {prefix}-{args.count}")
     return 0
 
 
@@ -261,12 +275,10 @@ def cmd_saga(args: argparse.Namespace) -> int:
                 _print_info(client.get(args.saga_id))
                 if args.records:
                     for i, record in enumerate(client.get(args.saga_id).records):
-                        print(f"  [{i:3}] {_describe(record)}")
+                        print(f"  [{i:3}] {views.describe(record)}")
             elif args.command == "list":
                 state = sagas_pb2.SagaState.Value(args.state) if args.state else 0
-                for summary in client.list(state=state):
-                    name = sagas_pb2.SagaState.Name(summary.state)
-                    print(f"{summary.saga_id}  {name:10} {summary.name}")
+                CONSOLE.print(views.saga_list_table(client.list(state=state)))
             elif args.command == "watch":
                 _watch(client, args.saga_id, args.from_seq)
             elif args.command == "abort":
@@ -290,6 +302,12 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show every node's view as a table")
     status.add_argument("--dir", default=DEFAULT_DIR, help="a local cluster's directory")
     status.add_argument("--addr", help="HOST:PORT of any node's gRPC server")
+    status.add_argument("--token-file", help="a token (default: $SAGA_TOKEN)")
+    status.add_argument("--tls-ca", help="talk TLS, trusting this PEM CA")
+    status.add_argument("--tls-cert", help="client certificate (nodes with mutual TLS)")
+    status.add_argument("--tls-key", help="the client certificate's key")
+    status.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
     status.set_defaults(func=cmd_status)
 
     forget = sub.add_parser("forget-node", help="unregister a node whose data directory was wiped")
@@ -338,6 +356,12 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--payload", help="the payload, or @FILE")
     submit.add_argument("--id", help="the saga id (default: generated)")
     submit.add_argument("--watch", action="store_true", help="follow it live until it ends")
+    submit.add_argument(
+        "--count",
+        type=int,
+        default=1,
+        help="submit this many, ids ID-1..ID-N (--id is then the prefix), with a progress bar",
+    )
     submit.set_defaults(func=cmd_submit)
     run = add("run", "submit a saga and wait until it ends (exit 0 COMPLETED, 3 ABORTED)")
     run.add_argument("file")

@@ -17,13 +17,15 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
 import yaml
 from google.protobuf import json_format
+from rich.progress import Progress
 
-from cluster.client.sagactl import DEFAULT_DIR, status_table
+from cluster.client.sagactl import CONSOLE, DEFAULT_DIR, status_table
 from cluster.localstate import STATE_FILE
 from cluster.testkit.launcher import LocalCluster, load_state
 from cluster.testkit.travel import TravelParticipants, travel_definition
@@ -75,7 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-    cluster = LocalCluster(args.dir, nodes=args.nodes)
+    cluster = LocalCluster(args.dir, nodes=args.nodes, http=True)
     started = time.monotonic()
     cluster.start_all(detach=True)
     try:
@@ -87,7 +89,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"leader {leader.id} (term {leader.term}, epoch {leader.epoch}) elected in "
         f"{time.monotonic() - started:.2f}s; data and logs in {cluster.base_dir}\n"
     )
-    print(status_table([s.grpc_addr for s in cluster.specs.values()]))
+    CONSOLE.print(status_table([s.grpc_addr for s in cluster.specs.values()]))
+    for spec in cluster.specs.values():
+        print(
+            f"{spec.id}: web page http://{spec.http_addr}/  metrics http://{spec.http_addr}/metrics"
+        )
     return 0
 
 
@@ -110,14 +116,31 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     from cluster.testkit import chaos
 
     base = args.dir or tempfile.mkdtemp(prefix=f"chaos-{args.seed}-")
-    verdict, summary = chaos.run(
-        base,
-        duration_s=args.duration,
-        seed=args.seed,
-        nodes=args.nodes,
-        clients=args.clients,
-        rate_per_s=args.rate,
-    )
+    with Progress(console=CONSOLE, transient=True) as progress:
+        # The bar follows the fault schedule's clock; the run's own lines print above it.
+        task = progress.add_task(f"chaos seed {args.seed}", total=args.duration)
+        started = time.monotonic()
+        done = threading.Event()
+
+        def tick() -> None:
+            while not done.wait(0.5):
+                progress.update(task, completed=min(args.duration, time.monotonic() - started))
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            verdict, summary = chaos.run(
+                base,
+                duration_s=args.duration,
+                seed=args.seed,
+                nodes=args.nodes,
+                clients=args.clients,
+                rate_per_s=args.rate,
+                log=lambda text: progress.console.print(text, markup=False, highlight=False),
+            )
+        finally:
+            done.set()
+            ticker.join()
     print(verdict.report())
     print("summary:")
     for key, value in summary.items():

@@ -24,7 +24,7 @@ import time
 from saga.v1 import cluster_pb2, sagas_pb2
 
 from cluster.client.saga_client import SagaClient
-from cluster.client.sagactl import status_table
+from cluster.client.sagactl import CONSOLE, status_table
 from cluster.testkit.launcher import LocalCluster
 from cluster.testkit.travel import TravelParticipants, travel_definition
 
@@ -81,7 +81,7 @@ def run(base_dir: str) -> None:
         cluster.start_all()
         leader = cluster.wait_for_leader(timeout_s=15)
         addrs = [s.grpc_addr for s in cluster.specs.values()]
-        print(status_table(addrs, cluster.client_tls, cluster.metadata))
+        CONSOLE.print(status_table(addrs, cluster.client_tls, cluster.metadata))
         print("(TLS on every gRPC link, bearer tokens with roles, Raft password)")
         assert cluster.client_tls is not None
         client = SagaClient(addrs, token=cluster.tokens["client"], tls_ca=cluster.client_tls.ca)

@@ -28,14 +28,20 @@ def test_a_user_session(tmp_path) -> None:
     try:
         up = sagactl(tmp_path, "cluster", "up", "--nodes", "3")
         assert "leader" in up.stdout and up.stdout.count("follower") == 2
+        assert up.stdout.count("web page http://127.0.0.1:") == 3
         sagactl(tmp_path, "travel", "up")
         definition = os.path.join("sagacluster-data", "travel.yaml")
         done = sagactl(tmp_path, "saga", "submit", definition, "--id", "t1", "--watch")
         assert "COMPLETED" in done.stdout and "end_saga" in done.stdout
         got = sagactl(tmp_path, "saga", "get", "t1")
         assert got.stdout.count("DONE") == 4
-        listed = sagactl(tmp_path, "saga", "list", "--state", "COMPLETED")
+        bulk = sagactl(tmp_path, "saga", "submit", definition, "--id", "bulk", "--count", "5")
+        assert "submitted 5 sagas bulk-1 .. bulk-5" in bulk.stdout
+        again = sagactl(tmp_path, "saga", "submit", definition, "--id", "bulk", "--count", "5")
+        assert again.returncode == 0  # the same ids: idempotent, nothing new
+        listed = sagactl(tmp_path, "saga", "list")
         assert "t1" in listed.stdout
+        assert sum(f"bulk-{i} " in listed.stdout for i in range(1, 6)) == 5
         late = sagactl(tmp_path, "saga", "abort", "t1", check=False)
         assert late.returncode == 1 and "FAILED_PRECONDITION" in late.stderr
         bad = tmp_path / "bad.yaml"
