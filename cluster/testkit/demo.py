@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import ssl
 import tempfile
 import time
+import urllib.request
 
 from saga.v1 import cluster_pb2, sagas_pb2
 
@@ -63,7 +65,7 @@ def run(base_dir: str) -> None:
     # Secure as a deployment would be: TLS on every gRPC link (development
     # certificates), a token per caller, a Raft password.
     cluster = LocalCluster(
-        f"{base_dir}/cluster", nodes=3, auth=True, tls=True, participant_tls=True
+        f"{base_dir}/cluster", nodes=3, auth=True, tls=True, participant_tls=True, http=True
     )
     participants = TravelParticipants(
         f"{base_dir}/participants",
@@ -83,6 +85,8 @@ def run(base_dir: str) -> None:
         addrs = [s.grpc_addr for s in cluster.specs.values()]
         CONSOLE.print(status_table(addrs, cluster.client_tls, cluster.metadata))
         print("(TLS on every gRPC link, bearer tokens with roles, Raft password)")
+        for spec in cluster.specs.values():
+            print(f"{spec.id}: web page and /metrics at https://{spec.http_addr}/")
         assert cluster.client_tls is not None
         client = SagaClient(addrs, token=cluster.tokens["client"], tls_ca=cluster.client_tls.ca)
         definition = travel_definition(participants.endpoints)
@@ -152,6 +156,9 @@ def run(base_dir: str) -> None:
                 f" sha256 {d.sha256[:16]}"
             )
         client.close()
+
+        say("what Prometheus scrapes from the new leader (/metrics)")
+        print_metrics(cluster, new.id)
         say("done")
     except Exception:
         print(cluster.logs(30))
@@ -160,6 +167,27 @@ def run(base_dir: str) -> None:
     finally:
         cluster.stop_all()
         participants.stop_all()
+
+
+SHOWN_METRICS = (
+    "saga_sagas_started_total",
+    "saga_sagas_completed_total",
+    "saga_sagas_aborted_total",
+    "saga_duration_seconds_count",
+    "saga_raft_term",
+    "saga_leader_changes_total",
+)
+
+
+def print_metrics(cluster: LocalCluster, node_id: str) -> None:
+    """A few lines of a node's /metrics (served over HTTPS with its certificate)."""
+    assert cluster.client_tls is not None and cluster.client_tls.ca is not None
+    context = ssl.create_default_context(cafile=str(cluster.client_tls.ca))
+    url = f"https://{cluster.specs[node_id].http_addr}/metrics"
+    with urllib.request.urlopen(url, timeout=5, context=context) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(SHOWN_METRICS):
+                print(f"  {line}")
 
 
 def main() -> None:
