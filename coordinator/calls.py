@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -25,6 +26,7 @@ import grpc
 from saga.v1 import participant_pb2, participant_pb2_grpc
 
 from coordinator import core
+from coordinator.tracecontext import HEADER, call_traceparent
 from sagalog import codec
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,46 @@ class ParticipantTransport(Protocol):
     ) -> None: ...
 
     def close(self) -> None: ...
+
+
+def outcome_of(reply: core.Reply) -> str:
+    """ok, refused (the participant said no) or unreachable (a transport failure)."""
+    return "unreachable" if reply.ok is None else ("ok" if reply.ok else "refused")
+
+
+CallObserver = Callable[[participant_pb2.StepRequest, bool, core.Reply, int, int], None]
+
+
+class ObservedTransport:
+    """A ParticipantTransport that tells `observe` of each call once it is answered:
+    (request, compensation, reply, sent and answered, in ns since the epoch). For
+    metrics and traces, at the edge; the driver knows nothing of them."""
+
+    def __init__(self, inner: ParticipantTransport, observe: CallObserver) -> None:
+        self._inner = inner
+        self._observe = observe
+
+    def send(
+        self,
+        endpoint: str,
+        request: participant_pb2.StepRequest,
+        compensation: bool,
+        timeout_s: float,
+        answer: AnswerFn,
+    ) -> None:
+        sent_ns = time.time_ns()
+
+        def observed(reply: core.Reply) -> None:
+            try:
+                self._observe(request, compensation, reply, sent_ns, time.time_ns())
+            except Exception:
+                log.exception("observing a participant call failed")
+            answer(reply)
+
+        self._inner.send(endpoint, request, compensation, timeout_s, observed)
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class ParticipantCalls:
@@ -147,7 +189,12 @@ class ParticipantCalls:
         try:
             stub = self._stub(endpoint)
             method = stub.Compensate if compensation else stub.Execute
-            reply = await method(request, timeout=timeout_s)
+            # W3C trace context: the participant's span joins the saga's trace
+            # (coordinator.tracecontext), whichever leader sent the call.
+            parent = call_traceparent(
+                request.saga_id, vertex, compensation, request.attempt, request.epoch
+            )
+            reply = await method(request, timeout=timeout_s, metadata=((HEADER, parent),))
             result = core.Reply(bool(reply.ok), reply.output, reply.error)
         except grpc.aio.AioRpcError as exc:
             # The transport's own text stays in this node's log: it can name hosts

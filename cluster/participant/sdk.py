@@ -39,6 +39,7 @@ from cluster.participant.ledger import (
     Reply,
 )
 from cluster.tls import TlsFiles
+from cluster.tracing import continued_span
 
 log = logging.getLogger("saga.participant")
 
@@ -391,6 +392,19 @@ class RunningServer:
         self.participant.close()
 
 
+def _span_of(participant: Participant, kind: str, request: Any) -> tuple[str, dict[str, Any]]:
+    """The name and attributes of a call's span (cluster.tracing.continued_span)."""
+    attributes = {
+        "saga.id": request.saga_id,
+        "saga.vertex": request.vertex,
+        "saga.action": request.action,
+        "saga.attempt": request.attempt,
+        "saga.epoch": request.epoch,
+        "saga.participant": participant.name,
+    }
+    return f"{participant.name} {kind} {request.action}", attributes
+
+
 class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     """`saga.v1.Participant` over a Participant. Wrappers (fault injection) override
     `serve_call`."""
@@ -405,7 +419,10 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         return self.serve_call(COMPENSATE, request, context)
 
     def serve_call(self, kind: str, request: Any, context: grpc.ServicerContext) -> Any:
-        outcome = self.participant.handle(kind, request)
+        with continued_span(
+            context.invocation_metadata(), *_span_of(self.participant, kind, request)
+        ):
+            outcome = self.participant.handle(kind, request)
         if outcome.reply is None:
             context.abort(STATUS_OF_ANSWER[outcome.answer], outcome.detail)
         return step_reply(outcome.reply)
@@ -422,7 +439,10 @@ class AsyncParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         return await self._serve(COMPENSATE, request, context)
 
     async def _serve(self, kind: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        outcome = await self.participant.handle_async(kind, request)
+        with continued_span(
+            context.invocation_metadata(), *_span_of(self.participant, kind, request)
+        ):
+            outcome = await self.participant.handle_async(kind, request)
         if outcome.reply is None:
             await context.abort(STATUS_OF_ANSWER[outcome.answer], outcome.detail)
         return step_reply(outcome.reply)

@@ -104,6 +104,10 @@ class NodeConfig:
     """HOST:PORT of the web page (the cluster, the sagas, each saga's DAG) and its
     JSON API; HTTPS with the node's certificate when it has one. It may equal
     `metrics_addr`. None: no web page."""
+    otlp_endpoint: str | None = None
+    """HOST:PORT of an OpenTelemetry collector (OTLP over gRPC, plaintext: run a
+    collector agent beside the node). A trace per saga, a span per participant
+    call. Needs the `otel` extra. None: no traces."""
     log_format: str = "text"
     """text | json (one JSON object a line)."""
     join_check_ms: int = 1000
@@ -118,6 +122,7 @@ class NodeConfig:
         for name, optional in [
             ("--metrics-addr", self.metrics_addr),
             ("--http-addr", self.http_addr),
+            ("--otlp-endpoint", self.otlp_endpoint),
         ]:
             if optional is not None:
                 _check_addr(name, optional)
@@ -307,6 +312,11 @@ def parser() -> argparse.ArgumentParser:
         help="serve the web page (may equal --metrics-addr)",
     )
     p.add_argument("--log-format", choices=LOG_FORMATS, help="text (default) or json lines")
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="HOST:PORT",
+        help="export traces to this OpenTelemetry collector (OTLP/gRPC; the otel extra)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -349,7 +359,7 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
         values["participant_allow"] = tuple(values["participant_allow"])
     if args.ended_retention_s is not None:
         values["ended_retention_s"] = args.ended_retention_s
-    for flag in ("metrics_addr", "http_addr", "log_format"):
+    for flag in ("metrics_addr", "http_addr", "log_format", "otlp_endpoint"):
         if getattr(args, flag):
             values[flag] = getattr(args, flag)
     if args.no_coordinator:

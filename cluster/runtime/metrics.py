@@ -5,7 +5,8 @@ Three sources, each at the edge where the fact is known:
   stuck, their durations by definition, records per entry. Every replica applies
   the same records, so every node reports the same counts;
 * the coordinator's IO (the leader): participant calls by vertex and outcome, via
-  `MeteredTransport`; commit latency, via the proposers' `observe_commit`;
+  coordinator.calls.ObservedTransport; commit latency, via the proposers'
+  `observe_commit`;
 * the node's state, read at scrape time (`NodeGauges`): Raft term and role, commit
   and applied index, sagas in flight, the admission limit, journal bytes, snapshot
   age, Watch and Run streams.
@@ -17,7 +18,6 @@ past MAX_LABEL_VALUES distinct values, further ones are counted as "other".
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -26,21 +26,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from saga.v1 import log_pb2, participant_pb2
 
+from cluster.runtime.lifetimes import OUTCOMES, Lifetime
 from coordinator import core
-from coordinator.calls import AnswerFn, ParticipantTransport
+from coordinator.calls import outcome_of
 
 MAX_LABEL_VALUES = 64
-# Sagas whose start this node saw and whose end it has not: what durations are
-# measured from. Past the bound a new saga's duration is not measured.
-MAX_TRACKED_STARTS = 200_000
 OTHER = "other"
 
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 COMMIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 RECORD_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-
-OUTCOMES = {log_pb2.OUTCOME_COMPLETED: "completed", log_pb2.OUTCOME_ABORTED: "aborted"}
 
 
 class BoundedLabel:
@@ -84,7 +80,6 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._definition = BoundedLabel()
         self._vertex = BoundedLabel()
-        self._started: dict[str, tuple[str, int]] = {}  # saga id -> (definition, start ms)
         r = self.registry
         self.sagas_started = Counter(
             "saga_sagas_started", "Sagas started (StartSaga applied)", ["definition"], registry=r
@@ -146,77 +141,55 @@ class Metrics:
 
     # ---- applied records (Raft thread) ------------------------------------------------
 
-    def on_applied(self, records: list[tuple[str, int, log_pb2.Record]]) -> None:
+    def on_applied(
+        self,
+        records: list[tuple[str, int, log_pb2.Record]],
+        ended: list[Lifetime],
+        definition_of: Callable[[str], str | None],
+    ) -> None:
+        """Records applied in one entry, and the sagas they ended (`Lifetimes`);
+        `definition_of` names the definition of a saga in flight."""
         self.records_per_entry.observe(len(records))
+        seen_end = {life.saga_id for life in ended}
         for saga_id, _seq, record in records:
             body = record.WhichOneof("body")
             if body == "start_saga":
-                name = self._definition(record.start_saga.definition.name)
-                self.sagas_started.labels(name).inc()
-                if len(self._started) < MAX_TRACKED_STARTS:
-                    self._started[saga_id] = (name, record.time_unix_ms)
-            elif body == "end_saga":
-                self._ended(saga_id, record)
+                self.sagas_started.labels(self._definition(record.start_saga.definition.name)).inc()
             elif body == "stuck":
-                name, _ = self._started.get(saga_id, (OTHER, 0))
-                self.sagas_stuck.labels(name).inc()
+                self.sagas_stuck.labels(self._definition(definition_of(saga_id) or OTHER)).inc()
+            elif body == "end_saga" and record.end_saga.outcome in OUTCOMES:
+                if saga_id not in seen_end:
+                    counter = self._ended_counter(OUTCOMES[record.end_saga.outcome])
+                    counter.labels(OTHER).inc()  # its start was not seen here
+        for life in ended:
+            name = self._definition(life.definition)
+            self._ended_counter(life.outcome).labels(name).inc()
+            seconds = max(0, life.ended_unix_ms - life.started_unix_ms) / 1000
+            self.saga_duration.labels(name, life.outcome).observe(seconds)
 
-    def _ended(self, saga_id: str, record: log_pb2.Record) -> None:
-        outcome = OUTCOMES.get(record.end_saga.outcome)
-        name, started_ms = self._started.pop(saga_id, (OTHER, None))
-        if outcome is None:
-            return
-        (self.sagas_completed if outcome == "completed" else self.sagas_aborted).labels(name).inc()
-        if started_ms is not None:
-            seconds = max(0, record.time_unix_ms - started_ms) / 1000
-            self.saga_duration.labels(name, outcome).observe(seconds)
-
-    def forget_starts(self) -> None:
-        """A snapshot replaced the store: the sagas seen starting may have ended unseen."""
-        self._started.clear()
+    def _ended_counter(self, outcome: str) -> Counter:
+        return self.sagas_completed if outcome == "completed" else self.sagas_aborted
 
     # ---- the coordinator's IO --------------------------------------------------------
 
     def observe_commit(self, seconds: float) -> None:
         self.commit_latency.observe(seconds)
 
-    def observe_call(self, vertex: str, compensation: bool, outcome: str, seconds: float) -> None:
+    def observe_call(
+        self,
+        request: participant_pb2.StepRequest,
+        compensation: bool,
+        reply: core.Reply,
+        sent_ns: int,
+        answered_ns: int,
+    ) -> None:
+        """A participant call answered (coordinator.calls.ObservedTransport)."""
         kind = "compensation" if compensation else "request"
-        self.participant_calls.labels(self._vertex(vertex), kind, outcome).observe(seconds)
+        labels = (self._vertex(request.vertex), kind, outcome_of(reply))
+        self.participant_calls.labels(*labels).observe((answered_ns - sent_ns) / 1e9)
 
     def refused_submit(self, reason: str) -> None:
         self.submits_refused.labels(reason).inc()
-
-
-class MeteredTransport:
-    """A ParticipantTransport that times each call until its answer, by outcome:
-    ok, refused (the participant said no) or unreachable (a transport failure)."""
-
-    def __init__(self, inner: ParticipantTransport, metrics: Metrics) -> None:
-        self._inner = inner
-        self._metrics = metrics
-
-    def send(
-        self,
-        endpoint: str,
-        request: participant_pb2.StepRequest,
-        compensation: bool,
-        timeout_s: float,
-        answer: AnswerFn,
-    ) -> None:
-        sent = time.monotonic()
-
-        def timed(reply: core.Reply) -> None:
-            outcome = "unreachable" if reply.ok is None else ("ok" if reply.ok else "refused")
-            self._metrics.observe_call(
-                request.vertex, compensation, outcome, time.monotonic() - sent
-            )
-            answer(reply)
-
-        self._inner.send(endpoint, request, compensation, timeout_s, timed)
-
-    def close(self) -> None:
-        self._inner.close()
 
 
 class NodeGauges:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -30,14 +30,16 @@ from cluster.runtime import identity as ident
 from cluster.runtime.config import NodeConfig, from_args, node_tls, participant_tls
 from cluster.runtime.health import HealthReporter, add_health_and_reflection, serving
 from cluster.runtime.httpserver import HttpServer, Request, Response, Routes
-from cluster.runtime.metrics import MeteredTransport, Metrics, NodeState
+from cluster.runtime.lifetimes import Lifetimes
+from cluster.runtime.metrics import Metrics, NodeState
 from cluster.runtime.push import AppliedFeed
 from cluster.runtime.retention import Retention
 from cluster.runtime.sagas_service import MAX_PUSH_STREAMS, SagasService
 from cluster.runtime.service import ClusterService, raft_role
 from cluster.runtime.web import WebGateway, allowed_hosts, http_tls
+from cluster.tracing import INSTALL_HINT, TracingUnavailable
 from coordinator.admission import MAX_LIMIT
-from coordinator.calls import ParticipantCalls, ParticipantTransport
+from coordinator.calls import ObservedTransport, ParticipantCalls, ParticipantTransport
 from coordinator.driver import Driver
 from coordinator.standby import Standby
 from sagalog import codec
@@ -48,6 +50,9 @@ from sagalog.proposer import ProposeError, Proposer
 from sagalog.raft import EXIT_STORAGE_FAILURE, SagaLogRaft, fail_stop, leader_address
 from sagalog.raft.status import ROLE_NAMES
 from sagalog.rocks import RocksKV
+
+if TYPE_CHECKING:
+    from cluster.runtime.sagaspans import SagaSpans
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 
@@ -164,6 +169,8 @@ class Node:
         self.raft: SagaLogRaft | None = None
         self.health = HealthReporter(self.can_serve)
         self.metrics = Metrics(config.id, self.metrics_state)
+        self.lifetimes = Lifetimes()
+        self.spans = self._export_spans(config)
         self._http: list[HttpServer] = []
         self.web: WebGateway | None = None
         self._leader_seen: str | None = None
@@ -183,6 +190,19 @@ class Node:
         self._listener_lock = threading.Lock()
         self.retention: Retention | None = None
         self._peer_by_raft_addr = {p.raft_addr: p for p in config.peers}
+
+    @staticmethod
+    def _export_spans(config: NodeConfig) -> SagaSpans | None:
+        """Traces, when --otlp-endpoint is given (and the `otel` extra installed)."""
+        if not config.otlp_endpoint:
+            return None
+        try:
+            from cluster.runtime.sagaspans import SagaSpans
+        except ImportError as exc:
+            raise TracingUnavailable(
+                f"--otlp-endpoint needs OpenTelemetry: {INSTALL_HINT}"
+            ) from exc
+        return SagaSpans(config.id, config.otlp_endpoint)
 
     def start_raft(self) -> None:
         raft = SagaLogRaft(
@@ -344,7 +364,10 @@ class Node:
         coordinator while there is one."""
         if self.feed is not None:
             self.feed.publish(records)
-        self.metrics.on_applied(records)
+        ended = self.lifetimes.observe(records)
+        self.metrics.on_applied(records, ended, self.lifetimes.definition)
+        if self.spans is not None and ended and self.in_office():
+            self.spans.sagas_ended(ended)
         with self._listener_lock:
             if self.driver is not None:
                 self.driver.on_applied(records)
@@ -355,7 +378,7 @@ class Node:
         """A snapshot replaced the store (Raft thread): readers start again from it."""
         if self.feed is not None:
             self.feed.reset()
-        self.metrics.forget_starts()
+        self.lifetimes.forget()
         with self._listener_lock:  # in order with the records, on either side of a switch
             if self.standby is not None:
                 self.standby.reset()
@@ -390,6 +413,8 @@ class Node:
             if self.standby is not None:
                 self.standby.stop()
             self.raft.close()
+        if self.spans is not None:
+            self.spans.close()  # exports what is queued
         log.info("node %s stopped", self.config.id)
 
     # ---- duties: registration and epochs -------------------------------------------
@@ -457,10 +482,17 @@ class Node:
 
     def _participant_transport(self) -> ParticipantTransport:
         # Participant calls share the gRPC server's event loop.
-        calls: ParticipantTransport = MeteredTransport(
-            ParticipantCalls(self._loop, self._participant_credentials), self.metrics
+        calls: ParticipantTransport = ObservedTransport(
+            ParticipantCalls(self._loop, self._participant_credentials), self._call_answered
         )
         return calls if self._wrap_participants is None else self._wrap_participants(calls)
+
+    def _call_answered(
+        self, request: Any, compensation: bool, reply: Any, sent: int, end: int
+    ) -> None:
+        self.metrics.observe_call(request, compensation, reply, sent, end)
+        if self.spans is not None:
+            self.spans.call(request, compensation, reply, sent, end, self.lifetimes.definition)
 
     def _stop_driver(self) -> None:
         with self._listener_lock:  # no more applied records reach the driver
@@ -574,7 +606,7 @@ def main(argv: list[str] | None = None, wrap_participants: TransportWrapper | No
         if node is not None:
             node.stop()
         return EXIT_STORAGE_FAILURE
-    except auth.AuthError as exc:
+    except (auth.AuthError, TracingUnavailable) as exc:
         log.critical("refusing to start: %s", exc)
         return EXIT_USAGE
     except (ident.IdentityError, WipedNodeError, OSError) as exc:

@@ -47,6 +47,7 @@ from cluster.participant.ledger import (
 )
 from cluster.participant.sdk import ParticipantServicer, RunningServer
 from cluster.tls import TlsFiles
+from cluster.tracing import TracingUnavailable, export_to
 
 log = logging.getLogger("saga.participant")
 
@@ -171,6 +172,9 @@ class BookingConfig:
     tls_ca: str | None = None
     """With `tls_require_client_cert`: the CA whose client certificates may call."""
     tls_require_client_cert: bool = False
+    otlp_endpoint: str | None = None
+    """HOST:PORT of an OpenTelemetry collector: each call's span, continuing the
+    saga's trace (needs the otel extra)."""
     """Only callers with a client certificate signed by `tls_ca` (the nodes' own)."""
 
     def validate(self) -> None:
@@ -214,6 +218,7 @@ def parse_args(argv: list[str] | None = None) -> BookingConfig:
         action="store_true",
         help="only callers with a client certificate signed by --tls-ca (the nodes)",
     )
+    p.add_argument("--otlp-endpoint", metavar="HOST:PORT", help="export traces (the otel extra)")
     f = p.add_argument_group("fault knobs (all off by default)")
     f.add_argument("--refuse-rate", type=float, default=0.0, metavar="P")
     f.add_argument("--refuse-saga-substring", default="", metavar="S")
@@ -235,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> BookingConfig:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         tls_require_client_cert=args.tls_require_client_cert,
+        otlp_endpoint=args.otlp_endpoint,
         faults=Faults(
             refuse_rate=args.refuse_rate,
             refuse_saga_substring=args.refuse_saga_substring,
@@ -516,8 +522,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saga-participant: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        tracer = (
+            export_to(config.otlp_endpoint, config.name, config.name)[0]
+            if (config.otlp_endpoint)
+            else None
+        )
         server = BookingServer(config)
         server.start()
+    except TracingUnavailable as exc:
+        log.critical("participant %s: %s", config.name, exc)
+        return EXIT_USAGE
     except (OSError, sqlite3.Error) as exc:
         log.critical("participant %s cannot start: %s", config.name, exc)
         return EXIT_START_FAILED
@@ -539,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.wait(0.5):
         pass
     server.stop()
+    if tracer is not None:
+        tracer.shutdown()  # exports what is queued
     log.info("participant %s stopped", config.name)
     return 0
 

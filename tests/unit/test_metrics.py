@@ -6,6 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from saga.v1 import log_pb2
 
 from cluster.runtime import metrics as m
+from cluster.runtime.lifetimes import Lifetimes
 
 
 def _samples(metrics: m.Metrics) -> dict[tuple[str, tuple], float]:
@@ -28,11 +29,24 @@ def _end(saga_id: str, outcome: int, at_ms: int) -> tuple[str, int, log_pb2.Reco
     return (saga_id, 9, record)
 
 
+class Node:
+    """What the node does with each applied entry: lifetimes first, then metrics."""
+
+    def __init__(self) -> None:
+        self.metrics = m.Metrics("n1", lambda: None)
+        self.lifetimes = Lifetimes()
+
+    def apply(self, records) -> None:
+        ended = self.lifetimes.observe(records)
+        self.metrics.on_applied(records, ended, self.lifetimes.definition)
+
+
 def test_applied_records_count_sagas_and_time_them_by_definition() -> None:
-    metrics = m.Metrics("n1", lambda: None)
-    metrics.on_applied([_start("a", "travel", 1_000), _start("b", "travel", 1_000)])
-    metrics.on_applied([_end("a", log_pb2.OUTCOME_COMPLETED, 1_250)])
-    metrics.on_applied([_end("b", log_pb2.OUTCOME_ABORTED, 3_000)])
+    node = Node()
+    metrics = node.metrics
+    node.apply([_start("a", "travel", 1_000), _start("b", "travel", 1_000)])
+    node.apply([_end("a", log_pb2.OUTCOME_COMPLETED, 1_250)])
+    node.apply([_end("b", log_pb2.OUTCOME_ABORTED, 3_000)])
     s = _samples(metrics)
     assert s[("saga_sagas_started_total", (("definition", "travel"),))] == 2
     assert s[("saga_sagas_completed_total", (("definition", "travel"),))] == 1
@@ -43,11 +57,11 @@ def test_applied_records_count_sagas_and_time_them_by_definition() -> None:
 
 
 def test_an_end_whose_start_this_node_did_not_see_is_counted_not_timed() -> None:
-    metrics = m.Metrics("n1", lambda: None)
-    metrics.on_applied([_start("a", "travel", 1_000)])
-    metrics.forget_starts()  # a snapshot replaced the store
-    metrics.on_applied([_end("a", log_pb2.OUTCOME_COMPLETED, 2_000)])
-    s = _samples(metrics)
+    node = Node()
+    node.apply([_start("a", "travel", 1_000)])
+    node.lifetimes.forget()  # a snapshot replaced the store
+    node.apply([_end("a", log_pb2.OUTCOME_COMPLETED, 2_000)])
+    s = _samples(node.metrics)
     assert s[("saga_sagas_completed_total", (("definition", m.OTHER),))] == 1
     assert not any(name == "saga_duration_seconds_count" for name, _ in s)
 
@@ -55,8 +69,9 @@ def test_an_end_whose_start_this_node_did_not_see_is_counted_not_timed() -> None
 def test_client_chosen_label_values_are_bounded() -> None:
     label = m.BoundedLabel(limit=3)
     assert [label(v) for v in "abcdab"] == ["a", "b", "c", m.OTHER, "a", "b"]
-    metrics = m.Metrics("n1", lambda: None)
-    metrics.on_applied([_start(f"s{i}", f"def-{i}", 0) for i in range(m.MAX_LABEL_VALUES + 10)])
+    node = Node()
+    node.apply([_start(f"s{i}", f"def-{i}", 0) for i in range(m.MAX_LABEL_VALUES + 10)])
+    metrics = node.metrics
     names = {
         dict(ls)["definition"] for n, ls in _samples(metrics) if n == "saga_sagas_started_total"
     }
