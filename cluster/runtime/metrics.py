@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from saga.v1 import log_pb2, participant_pb2
@@ -77,6 +77,7 @@ class NodeState:
 
 class Metrics:
     def __init__(self, node_id: str, state: Callable[[], NodeState | None]) -> None:
+        disable_created_metrics()  # a *_created series beside every counter is noise here
         self.registry = CollectorRegistry(auto_describe=True)
         self._definition = BoundedLabel()
         self._vertex = BoundedLabel()
@@ -214,9 +215,11 @@ class NodeGauges:
             return family
 
         yield gauge("saga_raft_term", "Raft term this node is in", s.term)
-        role = GaugeMetricFamily("saga_raft_role", "1 for this node's Raft role", labels=["role"])
+        role = GaugeMetricFamily(
+            "saga_raft_role", "1 for this node's Raft role", labels=["node", "role"]
+        )
         for name in ("follower", "candidate", "leader"):
-            role.add_metric([name], 1.0 if s.role == name else 0.0)
+            role.add_metric([self._node_id, name], 1.0 if s.role == name else 0.0)
         yield role
         yield gauge(
             "saga_in_office",

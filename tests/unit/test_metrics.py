@@ -86,7 +86,7 @@ def test_the_node_state_is_read_at_scrape_time() -> None:
     )  # fmt: skip
     s = _samples(m.Metrics("n1", lambda: state))
     assert s[("saga_raft_term", (("node", "n1"),))] == 7
-    assert s[("saga_raft_role", (("role", "leader"),))] == 1
-    assert s[("saga_raft_role", (("role", "follower"),))] == 0
+    assert s[("saga_raft_role", (("node", "n1"), ("role", "leader")))] == 1
+    assert s[("saga_raft_role", (("node", "n1"), ("role", "follower")))] == 0
     assert s[("saga_leader_changes_total", (("node", "n1"),))] == 1
     assert not any(name == "saga_snapshot_age_seconds" for name, _ in s)
