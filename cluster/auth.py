@@ -45,6 +45,9 @@ MAX_TOKEN_LEN = 512
 _SAGAS = "/saga.v1.Sagas/"
 _CLUSTER = "/saga.v1.Cluster/"
 _REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/"
+# Served by grpcio-reflection only as v1alpha: a v1 call must reach the server to be
+# answered UNIMPLEMENTED, on which grpcurl and other tools fall back to v1alpha.
+_REFLECTION_V1 = "/grpc.reflection.v1.ServerReflection/"
 METHOD_ROLES = {
     _SAGAS + "Submit": "client",
     _SAGAS + "Run": "client",
@@ -60,12 +63,16 @@ METHOD_ROLES = {
     _CLUSTER + "Propose": "admin",
     _CLUSTER + "ForgetMember": "admin",
     _REFLECTION + "ServerReflectionInfo": "client",  # lists services and their schemas
+    _REFLECTION_V1 + "ServerReflectionInfo": "client",
+    "/grpc.health.v1.Health/Watch": "client",  # a held stream: not for anyone
 }
 # Load balancers and orchestrators probe health without credentials; the answer
-# says only whether the node serves.
-PUBLIC = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
-STREAMING = frozenset({_SAGAS + "Watch"})
-BIDI_STREAMING = frozenset({_REFLECTION + "ServerReflectionInfo"})
+# says only whether the node serves. (Watch holds a stream: it needs a token.)
+PUBLIC = frozenset({"/grpc.health.v1.Health/Check"})
+STREAMING = frozenset({_SAGAS + "Watch", "/grpc.health.v1.Health/Watch"})
+BIDI_STREAMING = frozenset(
+    {_REFLECTION + "ServerReflectionInfo", _REFLECTION_V1 + "ServerReflectionInfo"}
+)
 
 
 class AuthError(ValueError):

@@ -9,6 +9,7 @@ participant's span is a no-op, and a node asked to export refuses to start.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import threading
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ except ImportError:  # pragma: no cover - the otel extra is not installed
 EXPORT_DELAY_MS = 500  # how long a finished span may wait to be exported
 MAX_QUEUED_SPANS = 20_000  # past it spans are dropped (the exporter's bound)
 EXPORT_TIMEOUT_MS = 5_000
+SHUTDOWN_WAIT_S = 2.0  # a process stopping waits this long for queued spans to leave
 INSTALL_HINT = "pip install 'sagacluster[otel]' (opentelemetry-sdk and its OTLP exporter)"
 
 
@@ -79,7 +81,19 @@ def export_to(endpoint: str, service: str, instance: str) -> tuple[Any, ChosenId
     )
     assert otel_trace is not None
     otel_trace.set_tracer_provider(provider)
+    # The SDK logs a warning per span dropped from a full queue, on the thread that
+    # ended the span (a node's Raft thread): a collector that is down must not turn
+    # into a flood of log lines there. Export failures are still logged.
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
     return provider, ids
+
+
+def shut_down(provider: Any) -> None:
+    """Export what is queued, waiting at most SHUTDOWN_WAIT_S (a collector that is
+    down must not hold up a stopping process)."""
+    done = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
+    done.start()
+    done.join(SHUTDOWN_WAIT_S)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,12 @@ def styled(state: str) -> Text:
     return Text(state, style=STATE_STYLES.get(state, ""))
 
 
+def _row(table: Table, *cells: str | Text) -> None:
+    """A row of plain text: saga ids, names and errors are chosen by clients and
+    participants, and rich would read `[...]` in a str cell as markup."""
+    table.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in cells))
+
+
 def cluster_table(replies: Sequence[tuple[str, cluster_pb2.StatusReply | None]]) -> Table:
     """One row per node (address, its own Status or None when unreachable)."""
     table = Table(title="cluster", title_justify="left")
@@ -44,11 +50,12 @@ def cluster_table(replies: Sequence[tuple[str, cluster_pb2.StatusReply | None]])
         table.add_column(column, justify="right" if column in ("TERM", "EPOCH") else "left")
     for addr, r in replies:
         if r is None:
-            table.add_row("?", Text("unreachable", style="red"), "", "", "", "", "", "", addr)
+            _row(table, "?", Text("unreachable", style="red"), "", "", "", "", "", "", addr)
             continue
         role = ROLE_NAMES.get(r.role, "?") + (" (in office)" if r.in_office else "")
         raft_addr = next((m.raft_addr for m in r.members if m.id == r.id), "")
-        table.add_row(
+        _row(
+            table,
             r.id,
             Text(role, style=ROLE_STYLES.get(ROLE_NAMES.get(r.role, ""), "")),
             str(r.term),
@@ -68,7 +75,7 @@ def saga_list_table(summaries: Iterable[sagas_pb2.SagaSummary]) -> Table:
     table.add_column("STATE")
     table.add_column("DEFINITION")
     for s in summaries:
-        table.add_row(s.saga_id, styled(sagas_pb2.SagaState.Name(s.state)), s.name)
+        _row(table, s.saga_id, styled(sagas_pb2.SagaState.Name(s.state)), s.name)
     return table
 
 
@@ -137,7 +144,7 @@ def saga_dag(info: sagas_pb2.SagaInfo) -> Group:
         log.add_column("#", justify="right")
         log.add_column("record")
         for seq, record in recent:
-            log.add_row(str(seq), describe(record))
+            _row(log, str(seq), describe(record))
         parts.append(log)
     return Group(*parts)
 

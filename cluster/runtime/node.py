@@ -364,15 +364,23 @@ class Node:
         coordinator while there is one."""
         if self.feed is not None:
             self.feed.publish(records)
-        ended = self.lifetimes.observe(records)
-        self.metrics.on_applied(records, ended, self.lifetimes.definition)
-        if self.spans is not None and ended and self.in_office():
-            self.spans.sagas_ended(ended)
+        try:
+            self._observe_applied(records)
+        except Exception:
+            # Metrics and traces must never stop the apply path: an exception here
+            # would fail-stop this replica, and every replica applies the same records.
+            log.exception("metrics or traces of applied records failed")
         with self._listener_lock:
             if self.driver is not None:
                 self.driver.on_applied(records)
             elif self.standby is not None:
                 self.standby.on_applied(records)
+
+    def _observe_applied(self, records: list[tuple[str, int, log_pb2.Record]]) -> None:
+        ended = self.lifetimes.observe(records)
+        self.metrics.on_applied(records, ended, self.lifetimes.definition)
+        if self.spans is not None and ended and self.in_office():
+            self.spans.sagas_ended(ended)
 
     def _store_replaced(self) -> None:
         """A snapshot replaced the store (Raft thread): readers start again from it."""

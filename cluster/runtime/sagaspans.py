@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from saga.v1 import participant_pb2
 
 from cluster.runtime.lifetimes import Lifetime
-from cluster.tracing import export_to
+from cluster.tracing import export_to, shut_down
 from coordinator import core
 from coordinator.calls import outcome_of
 from coordinator.tracecontext import call_span_id, saga_span_id, saga_trace_id
@@ -101,4 +101,4 @@ class SagaSpans:
             span.end(end_time=life.ended_unix_ms * MS)
 
     def close(self) -> None:
-        self._provider.shutdown()
+        shut_down(self._provider)

@@ -17,9 +17,10 @@ import logging
 import queue
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf import json_format
@@ -131,6 +132,12 @@ def http_tls(config: NodeConfig) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_require_client_cert:
+        # The page reaches the gRPC API through this node's own certificate: it must
+        # ask browsers for theirs, or it would be a way around mutual TLS.
+        assert config.tls_ca is not None
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(config.tls_ca)
     return context
 
 
@@ -255,6 +262,8 @@ class WebGateway:
                 request,
             )
             for summary in reply.sagas:
+                if len(found) >= MAX_LIST_RESULTS:
+                    break
                 scanned += 1
                 if query in summary.saga_id.lower() or query in summary.name.lower():
                     found.append(
@@ -270,7 +279,7 @@ class WebGateway:
         return _json({"sagas": found, "next_page_token": token, "scanned": scanned})
 
     def _get(self, request: Request) -> Response:
-        saga_id = request.match["saga_id"]  # type: ignore[index]
+        saga_id = _saga_id(request)
         info = self._call(self._sagas.Get, sagas_pb2.GetRequest(saga_id=saga_id), request)
         return _json(saga_json(info))
 
@@ -278,7 +287,7 @@ class WebGateway:
         body = _json_body(request)
         if isinstance(body, Response):
             return body
-        saga_id = request.match["saga_id"]  # type: ignore[index]
+        saga_id = _saga_id(request)
         reason = str(body.get("reason") or "aborted from the web page")
         self._call(
             self._sagas.Abort, sagas_pb2.AbortRequest(saga_id=saga_id, reason=reason), request
@@ -292,7 +301,7 @@ class WebGateway:
         vertex, reason = str(body.get("vertex") or ""), str(body.get("reason") or "")
         if not vertex or not reason:
             return _error(400, "give the vertex and the reason (it is logged)")
-        saga_id = request.match["saga_id"]  # type: ignore[index]
+        saga_id = _saga_id(request)
         message = sagas_pb2.ResolveRequest(saga_id=saga_id, vertex=vertex, reason=reason)
         self._call(self._sagas.Resolve, message, request)
         return _json({})
@@ -300,49 +309,81 @@ class WebGateway:
     def _events(self, request: Request) -> Response:
         """Server-sent events: each of the saga's records from `from` on, as this node
         applies them (its Watch stream), then an `end` event."""
-        if not self._streams.acquire(blocking=False):
-            return _error(429, f"{MAX_EVENT_STREAMS} pages already follow sagas on this node")
-        saga_id = request.match["saga_id"]  # type: ignore[index]
         try:
             from_seq = max(0, int(request.params.get("from", "0")))
         except ValueError:
-            self._streams.release()
             return _error(400, "from: a record number")
-        call = self._sagas.Watch(
-            sagas_pb2.WatchRequest(saga_id=saga_id, from_seq=from_seq),
-            metadata=self._metadata(request),
-        )
-        return Response(200, "text/event-stream", self._stream(call))
+        if not self._streams.acquire(blocking=False):
+            return _error(429, f"{MAX_EVENT_STREAMS} pages already follow sagas on this node")
+        watch = sagas_pb2.WatchRequest(saga_id=_saga_id(request), from_seq=from_seq)
+        stream = EventStream(self._sagas, watch, self._metadata(request), self._streams.release)
+        return Response(200, "text/event-stream", stream)
 
-    def _stream(self, call: Any) -> Iterator[bytes]:
-        events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1024)
 
-        def pump() -> None:  # the blocking Watch, on a thread of its own
-            try:
-                for event in call:
-                    events.put(("record", record_json(event.seq, event.record)))
-                events.put(("end", {}))
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.CANCELLED:
-                    events.put(("error", {"code": exc.code().name, "error": exc.details()}))
-                else:
-                    events.put(("end", {}))
+class EventStream:
+    """One page following a saga: the node's Watch stream, read on a thread of its
+    own into a bounded queue, written out as server-sent events with a heartbeat
+    (which finds pages that went away). `close` (called however the connection
+    ends, even before the first chunk) cancels the Watch and frees the page's slot."""
 
-        threading.Thread(target=pump, name="web-watch", daemon=True).start()
+    def __init__(
+        self,
+        sagas: sagas_pb2_grpc.SagasStub,
+        watch: sagas_pb2.WatchRequest,
+        metadata: list[tuple[str, str]],
+        release: Callable[[], None],
+    ) -> None:
+        self._events: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(maxsize=1024)
+        self._closed = threading.Event()
+        self._release = release
+        self._call: Any = None
         try:
-            yield b"retry: 1000\n\n"
-            while True:
-                try:
-                    kind, data = events.get(timeout=EVENT_HEARTBEAT_S)
-                except queue.Empty:
-                    yield b": heartbeat\n\n"
-                    continue
-                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
-                if kind != "record":
+            self._call = sagas.Watch(watch, metadata=metadata)
+        except Exception:
+            self.close()
+            raise
+        threading.Thread(target=self._pump, name="web-watch", daemon=True).start()
+
+    def _put(self, kind: str, data: dict[str, Any]) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._events.put((kind, data), timeout=EVENT_HEARTBEAT_S)
+                return True
+            except queue.Full:
+                continue  # a slow page: gRPC's flow control holds the node meanwhile
+        return False
+
+    def _pump(self) -> None:
+        try:
+            for event in self._call:
+                if not self._put("record", record_json(event.seq, event.record)):
                     return
-        finally:
-            call.cancel()
-            self._streams.release()
+            self._put("end", {})
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                self._put("end", {})
+            else:
+                self._put("error", {"code": exc.code().name, "error": exc.details()})
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"retry: 1000\n\n"
+        while True:
+            try:
+                kind, data = self._events.get(timeout=EVENT_HEARTBEAT_S)
+            except queue.Empty:
+                yield b": heartbeat\n\n"
+                continue
+            yield f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+            if kind != "record":
+                return
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._release()
 
 
 class _Refused(Exception):
@@ -362,6 +403,12 @@ def _answering_refusals(handler: Handler) -> Handler:
             return _error(exc.status, exc.message)
 
     return answer
+
+
+def _saga_id(request: Request) -> str:
+    """The saga id in the path, as the page encoded it (encodeURIComponent)."""
+    assert request.match is not None
+    return unquote(request.match["saga_id"])
 
 
 def _json_body(request: Request) -> dict[str, Any] | Response:

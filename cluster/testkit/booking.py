@@ -47,7 +47,7 @@ from cluster.participant.ledger import (
 )
 from cluster.participant.sdk import ParticipantServicer, RunningServer
 from cluster.tls import TlsFiles
-from cluster.tracing import TracingUnavailable, export_to
+from cluster.tracing import TracingUnavailable, export_to, shut_down
 
 log = logging.getLogger("saga.participant")
 
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     server.stop()
     if tracer is not None:
-        tracer.shutdown()  # exports what is queued
+        shut_down(tracer)  # exports what is queued
     log.info("participant %s stopped", config.name)
     return 0
 

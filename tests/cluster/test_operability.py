@@ -107,9 +107,14 @@ def test_a_stopping_node_tells_its_health_watchers_it_no_longer_serves(cluster) 
     addr = cluster.specs[victim].grpc_addr
     _wait_health(addr, "saga.v1.Sagas", SERVING)
     seen: list[int] = []
+    request = health_pb2.HealthCheckRequest(service="saga.v1.Sagas")
     with channel_to(addr) as channel:
+        anonymous = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=5)
+        with pytest.raises(grpc.RpcError) as refused:  # a held stream needs a token
+            next(anonymous)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         stream = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service="saga.v1.Sagas"), timeout=20
+            request, timeout=20, metadata=bearer(cluster.tokens["client"])
         )
         seen.append(next(stream).status)
         cluster.kill(victim, signal.SIGTERM)

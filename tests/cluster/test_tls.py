@@ -4,7 +4,14 @@ another CA, reaches nothing; with mutual TLS a client without a certificate neit
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import signal
+import socket
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -25,7 +32,12 @@ def secured(request, tmp_path_factory) -> Iterator[tuple[LocalCluster, TravelPar
     base = tmp_path_factory.mktemp(request.param)
     extra = ("--tls-require-client-cert",) if request.param == "mutual-tls" else ()
     cluster = LocalCluster(
-        str(base / "cluster"), auth=True, tls=True, participant_tls=True, extra_args=extra
+        str(base / "cluster"),
+        auth=True,
+        tls=True,
+        participant_tls=True,
+        extra_args=extra,
+        http=True,
     )
     parts = TravelParticipants(str(base / "parts"), tls_dir=cluster.tls_dir)
     parts.start_all()
@@ -90,6 +102,44 @@ def test_mutual_tls_needs_a_client_certificate(secured) -> None:
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         else:
             assert list(no_cert.list()) is not None
+
+
+def test_the_web_page_is_https_and_an_idle_connection_blocks_nothing(secured) -> None:
+    """The page and /metrics are served with the node's certificate (and, with
+    mutual TLS, only to a client certificate); a client that connects and says
+    nothing holds neither the listener nor a stopping node."""
+    cluster, _ = secured
+    mutual = "--tls-require-client-cert" in cluster.extra_args
+    leader = cluster.wait_for_leader(10).id
+    follower = next(n for n in cluster.specs if n != leader)
+    host, port = cluster.specs[follower].http_addr.rsplit(":", 1)
+    files = cluster.client_tls
+    assert files is not None
+    anonymous = ssl.create_default_context(cafile=str(files.ca))
+    with_cert = ssl.create_default_context(cafile=str(files.ca))
+    with_cert.load_cert_chain(str(files.cert), str(files.key))
+    url = f"https://{host}:{port}/api/cluster"
+    token = {"Authorization": "Bearer " + cluster.tokens["client"]}
+    idle = socket.create_connection((host, int(port)))  # says nothing, ever
+    try:
+        reply = urllib.request.urlopen(
+            urllib.request.Request(url, headers=token), timeout=5, context=with_cert
+        )
+        assert json.loads(reply.read())["served_by"] == follower
+        if mutual:  # no client certificate, no page
+            with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+                urllib.request.urlopen(
+                    urllib.request.Request(url, headers=token), timeout=5, context=anonymous
+                ).read()
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read()
+        cluster.kill(follower, signal.SIGTERM)
+        assert cluster.procs[follower].returncode == 0  # stopped cleanly, not killed
+    finally:
+        idle.close()
+        if not cluster.alive(follower):
+            cluster.start(follower)
+            cluster.wait_for_leader(20)
 
 
 def test_a_participant_takes_calls_only_from_the_nodes(secured) -> None:

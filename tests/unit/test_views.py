@@ -90,3 +90,15 @@ def test_watch_redraws_the_dag_on_a_terminal_and_prints_lines_elsewhere(monkeypa
     monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
     sagactl._watch(Client(), "s1")  # type: ignore[arg-type]
     assert lines == ["  [  2] end_saga(outcome=OUTCOME_COMPLETED) epoch=1"]
+
+
+def test_text_chosen_by_clients_is_never_read_as_markup() -> None:
+    hostile = "[/]oops [link=http://x]y[/link] [bold]z"
+    summaries = [sagas_pb2.SagaSummary(saga_id=hostile, name=hostile, state=sagas_pb2.RUNNING)]
+    listed = _text(views.saga_list_table(summaries), terminal=True)
+    assert listed.count("[/]oops") == 2 and listed.count("[link=http://x]") == 2
+    info = _info(sagas_pb2.ABORTED, {"A": sagas_pb2.COMPENSATED}, {"A": []})
+    info.abort_reason = hostile
+    info.records[0].start_saga.definition.name = hostile
+    text = _text(views.saga_dag(info), terminal=True)
+    assert "[/]oops" in text and "[bold]z" in text
