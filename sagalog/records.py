@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from google.protobuf import json_format
 from saga.v1 import log_pb2
 
 
@@ -182,3 +183,23 @@ def completed_saga(saga_id: str, epoch: int, payload: bytes = b"{}") -> list[log
         records.append(end_t(saga_id, epoch, name, f"{name[0]}-{saga_id}".encode()))
     records.append(end_saga(saga_id, epoch, log_pb2.OUTCOME_COMPLETED))
     return records
+
+
+def fields_of(
+    record: log_pb2.Record, output_as_text: bool = False
+) -> tuple[str, dict[str, object]]:
+    """A record for people to read: its body's name and fields, the definition left
+    out (it is drawn, or shown apart), the payload as its length, an output as its
+    length or, with `output_as_text`, as text."""
+    body = record.WhichOneof("body") or ""
+    if not body:
+        return "", {}
+    msg = getattr(record, body)
+    fields = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    fields.pop("definition", None)
+    if "payload" in fields:
+        fields["payload"] = f"{len(msg.payload)} bytes"
+    if "output" in fields:
+        text = msg.output.decode(errors="replace")
+        fields["output"] = text if output_as_text else f"{len(msg.output)} bytes"
+    return body, fields

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from google.protobuf import json_format
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from saga.v1 import cluster_pb2, log_pb2, sagas_pb2
+
+from sagalog.records import fields_of
 
 ROLE_NAMES = {cluster_pb2.FOLLOWER: "follower", cluster_pb2.CANDIDATE: "candidate",
               cluster_pb2.LEADER: "leader"}  # fmt: skip
@@ -152,13 +153,6 @@ def saga_dag(info: sagas_pb2.SagaInfo) -> Group:
 def describe(record: log_pb2.Record) -> str:
     """A record in one line: its body and fields (the definition left out, the
     payload as its length, an output as text) and its epoch."""
-    body = record.WhichOneof("body") or "?"
-    msg = getattr(record, body)
-    fields = json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    fields.pop("definition", None)
-    if "payload" in fields:
-        fields["payload"] = f"{len(msg.payload)} bytes"
-    if "output" in fields:
-        fields["output"] = msg.output.decode(errors="replace")
+    body, fields = fields_of(record, output_as_text=True)
     detail = ", ".join(f"{k}={v}" for k, v in fields.items())
-    return f"{body}({detail}) epoch={record.epoch}"
+    return f"{body or '?'}({detail}) epoch={record.epoch}"

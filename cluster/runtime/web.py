@@ -23,12 +23,12 @@ from typing import Any
 from urllib.parse import unquote
 
 import grpc
-from google.protobuf import json_format
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2_grpc
 
 from cluster.grpcutil import channel_to
 from cluster.runtime.config import NodeConfig, is_loopback, node_tls
 from cluster.runtime.httpserver import Handler, Request, Response, Routes
+from sagalog.records import fields_of
 
 log = logging.getLogger("sagacluster.web")
 
@@ -71,15 +71,7 @@ def _error(status: int, message: str) -> Response:
 
 def record_json(seq: int, record: log_pb2.Record) -> dict[str, Any]:
     """A record for the timeline: its body's name and fields (bytes as a length)."""
-    body = record.WhichOneof("body") or ""
-    msg = getattr(record, body) if body else None
-    fields = (
-        json_format.MessageToDict(msg, preserving_proto_field_name=True) if msg is not None else {}
-    )
-    fields.pop("definition", None)  # drawn as the DAG
-    for name in ("payload", "output"):
-        if name in fields:
-            fields[name] = f"{len(getattr(msg, name))} bytes"
+    body, fields = fields_of(record)
     return {
         "seq": seq,
         "time_unix_ms": record.time_unix_ms,

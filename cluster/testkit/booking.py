@@ -172,10 +172,10 @@ class BookingConfig:
     tls_ca: str | None = None
     """With `tls_require_client_cert`: the CA whose client certificates may call."""
     tls_require_client_cert: bool = False
+    """Only callers with a client certificate signed by `tls_ca` (the nodes' own)."""
     otlp_endpoint: str | None = None
     """HOST:PORT of an OpenTelemetry collector: each call's span, continuing the
     saga's trace (needs the otel extra)."""
-    """Only callers with a client certificate signed by `tls_ca` (the nodes' own)."""
 
     def validate(self) -> None:
         if not _NAME_RE.match(self.name):

@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.request
 
-from saga.v1 import cluster_pb2, sagas_pb2
+from saga.v1 import sagas_pb2
 
 from cluster.client.saga_client import SagaClient
 from cluster.client.sagactl import CONSOLE, status_table
@@ -131,25 +131,7 @@ def run(base_dir: str) -> None:
 
         say(f"restarting {leader.id}; every replica must hold the same log")
         cluster.start(leader.id)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                digests = {
-                    n: cluster.stub(n).Digest(
-                        cluster_pb2.DigestRequest(), timeout=2, metadata=cluster.metadata
-                    )
-                    for n in cluster.specs
-                }
-            except Exception:
-                digests = {}
-            if (
-                len(digests) == 3
-                and len({(d.sha256, d.applied_index) for d in digests.values()}) == 1
-            ):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"replicas did not converge: {digests}")
-            time.sleep(0.1)
+        digests = cluster.wait_identical(20)
         for node_id, d in digests.items():
             print(
                 f"  {node_id}: applied {d.applied_index}, {d.sagas} sagas, {d.records} records,"

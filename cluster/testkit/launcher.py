@@ -349,6 +349,29 @@ class LocalCluster:
     def leader_id(self, timeout_s: float = 10.0) -> str:
         return self.wait_for_leader(timeout_s).id
 
+    def wait_identical(self, timeout_s: float = 20.0) -> dict[str, cluster_pb2.DigestReply]:
+        """Wait until every node reports the same store digest at the same applied
+        index (replicas identical); return the digests. TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout_s
+        digests: dict[str, cluster_pb2.DigestReply] = {}
+        while time.monotonic() < deadline:
+            try:
+                digests = {
+                    n: self.stub(n).Digest(
+                        cluster_pb2.DigestRequest(), timeout=2, metadata=self.metadata
+                    )
+                    for n in self.specs
+                }
+            except grpc.RpcError:
+                digests = {}
+            if len(digests) == len(self.specs) and (
+                len({(d.sha256, d.applied_index) for d in digests.values()}) == 1
+            ):
+                return digests
+            time.sleep(0.1)
+        seen = {n: (d.sha256[:12], d.applied_index) for n, d in digests.items()}
+        raise TimeoutError(f"replicas did not converge within {timeout_s}s: {seen}")
+
 
 def load_state(base_dir: str) -> list[NodeSpec]:
     with open(os.path.join(base_dir, STATE_FILE)) as f:

@@ -37,9 +37,10 @@ def test_a_user_session(tmp_path) -> None:
         assert got.stdout.count("DONE") == 4
         bulk = sagactl(tmp_path, "saga", "submit", definition, "--id", "bulk", "--count", "5")
         assert "submitted 5 sagas bulk-1 .. bulk-5" in bulk.stdout
-        again = sagactl(tmp_path, "saga", "submit", definition, "--id", "bulk", "--count", "5")
-        assert again.returncode == 0  # the same ids: idempotent, nothing new
         listed = sagactl(tmp_path, "saga", "list")
+        again = sagactl(tmp_path, "saga", "submit", definition, "--id", "bulk", "--count", "5")
+        assert again.returncode == 0  # the same ids: idempotent
+        assert sagactl(tmp_path, "saga", "list").stdout.count("bulk-") == 5  # nothing new
         assert "t1" in listed.stdout
         assert sum(f"bulk-{i} " in listed.stdout for i in range(1, 6)) == 5
         late = sagactl(tmp_path, "saga", "abort", "t1", check=False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from saga.v1 import cluster_pb2, sagas_pb2
+from saga.v1 import sagas_pb2
 
 from cluster.client.saga_client import SagaClient
 from cluster.testkit.launcher import LocalCluster, free_ports
@@ -112,7 +112,12 @@ def test_a_saga_is_one_trace_across_participants_and_a_leader_kill(collector, tm
             for event in client.watch("traced"):
                 if event.record.HasField("start_t") and event.record.start_t.vertex == "Payment":
                     break
-            time.sleep(0.7)  # the first calls' spans leave (exported every 0.5 s)
+            # Kill it once its first spans have reached the collector (exported
+            # every 0.5 s), so that the trace holds spans of both leaders.
+            deadline = time.monotonic() + 10
+            while not any(s.instance == old_leader for s in spans.of("traced")):
+                assert time.monotonic() < deadline, "the leader exported no span"
+                time.sleep(0.05)
             cluster.kill(old_leader, signal.SIGKILL)
             assert client.wait_for_end("traced", 60).state == sagas_pb2.COMPLETED
             new_leader = cluster.wait_for_leader(20).id
@@ -172,21 +177,4 @@ def test_a_saga_is_one_trace_across_participants_and_a_leader_kill(collector, tm
             assert [b.status for b in booked] == ["in_effect"], (name, booked)
             undone = parts.state(name).bookings_for(request_key("traced-nocar", name))
             assert all(b.status != "in_effect" for b in undone), (name, undone)
-        _wait_identical(cluster)
-
-
-def _wait_identical(cluster: LocalCluster) -> None:
-    deadline = time.monotonic() + 20
-    seen: dict = {}
-    while time.monotonic() < deadline:
-        try:
-            seen = {
-                n: cluster.stub(n).Digest(cluster_pb2.DigestRequest(), timeout=2).sha256
-                for n in cluster.specs
-            }
-        except grpc.RpcError:
-            seen = {}
-        if len(seen) == len(cluster.specs) and len(set(seen.values())) == 1:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"replicas differ: {seen}")
+        cluster.wait_identical()

@@ -43,3 +43,28 @@ def test_an_exception_goes_in_its_own_field() -> None:
 
         doc = _line(_record("failed", exc_info=sys.exc_info()))
     assert "ValueError: boom" in doc["exception"]
+
+
+def test_an_exception_escaping_a_thread_is_a_json_line(capsys) -> None:
+    import threading
+
+    from cluster.logformat import configure
+
+    saved = threading.excepthook, logging.getLogger().handlers[:], logging.getLogger().level
+    try:
+        configure("n3", "INFO", "json")
+
+        def boom() -> None:
+            raise RuntimeError("escaped")
+
+        worker = threading.Thread(target=boom, name="worker-1")
+        worker.start()
+        worker.join()
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        docs = [json.loads(ln) for ln in lines]  # nothing but JSON lines
+        assert docs[-1]["level"] == "CRITICAL" and "worker-1" in docs[-1]["message"]
+        assert "RuntimeError: escaped" in docs[-1]["exception"]
+    finally:
+        threading.excepthook = saved[0]
+        logging.getLogger().handlers[:] = saved[1]
+        logging.getLogger().setLevel(saved[2])
