@@ -102,6 +102,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from rich.progress import Progress, TimeElapsedColumn
 from saga.v1 import log_pb2, participant_pb2, participant_pb2_grpc, sagas_pb2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -777,22 +778,28 @@ async def guarded(what: dict[str, Any], coro: Awaitable[dict[str, Any]]) -> dict
 async def measure(b: Bench, cs: list[int], dbos: bool, watchers: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     ended_ids: list[str] = []
-    for c in cs:
-        for mode in MODES:
-            if mode == "dbos" and not dbos:
-                continue
-            progress(f"{mode} c={c}")
+    steps = [(c, mode) for c in cs for mode in MODES if mode != "dbos" or dbos]
+    columns = (*Progress.get_default_columns(), TimeElapsedColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task("client bench", total=len(steps) + 2)
+        for c, mode in steps:
+            bar.update(task, description=f"{mode} c={c}")
             row = await guarded({"mode": mode, "c": c}, saga_step(b, mode, c, ended_ids))
             rows.append(row)
-            progress(
+            bar.console.print(
                 f"{mode} c={c}: {fmt(row.get('ended_per_s'))}/s, p50 {fmt(row.get('p50_ms'))} ms"
-                + (f", error {row['error'][:80]}" if "error" in row else "")
+                + (f", error {row['error'][:80]}" if "error" in row else ""),
+                markup=False,
             )
-    watch: dict[str, Any] = {"skipped": "--watchers 0"}
-    if watchers > 0:
-        watch = await guarded({"n": watchers}, watchers_experiment(b, watchers))
-    progress(f"reads: {READS} gets, {LISTS} lists")
-    reads = await guarded({}, asyncio.to_thread(reads_experiment, b, ended_ids, READS))
+            bar.advance(task)
+        watch: dict[str, Any] = {"skipped": "--watchers 0"}
+        if watchers > 0:
+            bar.update(task, description=f"{watchers} watchers")
+            watch = await guarded({"n": watchers}, watchers_experiment(b, watchers))
+        bar.advance(task)
+        bar.update(task, description=f"reads: {READS} gets, {LISTS} lists")
+        reads = await guarded({}, asyncio.to_thread(reads_experiment, b, ended_ids, READS))
+        bar.advance(task)
     return {"rows": rows, "watchers": watch, "reads": reads}
 
 
