@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 
 ## Everything CI runs: generated-code drift, lint, types, every test.
 test: $(BIN)/.installed
-	scripts/ensure_browser.sh
+	scripts/ensure_test_tools.sh
 	scripts/gen_proto.sh --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -62,6 +62,7 @@ METHOD_ROLES = {
     _CLUSTER + "ReadSaga": "operator",
     _CLUSTER + "Propose": "admin",
     _CLUSTER + "ForgetMember": "admin",
+    _CLUSTER + "TransferLeadership": "admin",
     _REFLECTION + "ServerReflectionInfo": "client",  # lists services and their schemas
     _REFLECTION_V1 + "ServerReflectionInfo": "client",
     "/grpc.health.v1.Health/Watch": "client",  # a held stream: not for anyone

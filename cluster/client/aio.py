@@ -26,7 +26,7 @@ from cluster.auth import bearer
 from cluster.client.saga_client import (
     DEFAULT_RUN_TIMEOUT_S,
     ENDED,
-    STREAM_RETRYABLE,
+    RETRYABLE,
     Attempts,
     client_tls,
     retryable_codes,
@@ -167,7 +167,7 @@ class AsyncSagaClient:
                     return
                 continue
             except grpc.RpcError as exc:
-                pause = attempts.again(exc.code(), STREAM_RETRYABLE)
+                pause = attempts.again(exc.code(), RETRYABLE)
                 if pause is None:
                     if timeout_s is not None and attempts.remaining_s() <= 0:
                         raise timed_out(saga_id, timeout_s, "did not end") from exc

@@ -31,12 +31,16 @@ from cluster.tls import TlsFiles
 
 # Codes after which the same call may be sent again: nothing was done, or the
 # call is idempotent (Submit and Run carry their saga id; Abort and Resolve are
-# idempotent).
+# idempotent). CANCELLED is what a call gets when the node serving it stops (a
+# rolling restart ends a waiting Run that way) or when gRPC core drops a call
+# past its pending-request bound (cluster.grpcutil); this client never cancels
+# its own calls, so it is never the caller's wish.
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
     }
 )
 
@@ -45,8 +49,6 @@ def retryable_codes(retry_when_busy: bool) -> frozenset[grpc.StatusCode]:
     return RETRYABLE if retry_when_busy else RETRYABLE - {grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-# A stream also ends CANCELLED when the node serving it stops: resume elsewhere.
-STREAM_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
 ENDED = frozenset({sagas_pb2.COMPLETED, sagas_pb2.ABORTED})
 FIRST_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
@@ -255,7 +257,7 @@ class SagaClient:
                     return
                 continue
             except grpc.RpcError as exc:
-                pause = attempts.again(exc.code(), STREAM_RETRYABLE)
+                pause = attempts.again(exc.code(), RETRYABLE)
                 if pause is None:
                     if timeout_s is not None and attempts.remaining_s() <= 0:
                         raise timed_out(saga_id, timeout_s, "did not end") from exc

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 
 from cluster import auth, logformat
-from cluster.grpcutil import PENDING_REQUEST_OPTIONS, channel_to
+from cluster.grpcutil import PENDING_REQUEST_OPTIONS, SERVER_KEEPALIVE_OPTIONS, channel_to
 from cluster.runtime import identity as ident
 from cluster.runtime.config import NodeConfig, from_args, node_tls, participant_tls
 from cluster.runtime.health import HealthReporter, add_health_and_reflection, serving
@@ -339,6 +339,7 @@ class Node:
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
                 *PENDING_REQUEST_OPTIONS,
+                *SERVER_KEEPALIVE_OPTIONS,
             ],
         )
         cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, server)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ from sagalog.raft import SagaLogRaft, role_of
 from sagalog.readindex import ReadRefused
 
 MAX_PROPOSE_TIMEOUT_MS = 60_000
+DEFAULT_TRANSFER_TIMEOUT_MS = 5_000
+TRANSFER_RETRY_S = 0.02
 # A leader confirms its leadership within a heartbeat round (milliseconds); one
 # that cannot within this is cut off or deposed, and the reader tries elsewhere.
 READ_INDEX_TIMEOUT_S = 2.0
@@ -190,6 +193,48 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         if result.error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.error)
         return cluster_pb2.ForgetMemberReply(result=result.results[0])
+
+    def TransferLeadership(self, request: Any, context: Any) -> cluster_pb2.TransferLeadershipReply:
+        raft, _ = self._started(context)
+        timeout_ms = request.timeout_ms or DEFAULT_TRANSFER_TIMEOUT_MS
+        if timeout_ms > MAX_PROPOSE_TIMEOUT_MS:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout_ms {timeout_ms} exceeds the limit {MAX_PROPOSE_TIMEOUT_MS}",
+            )
+        target = None
+        if request.to_node_id:
+            if request.to_node_id == self._config.id:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this node already leads")
+            peer = next((p for p in self._config.peers if p.id == request.to_node_id), None)
+            if peer is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no node {request.to_node_id!r}")
+            assert peer is not None
+            target = peer.raft_addr
+        if raft_role(raft) != cluster_pb2.LEADER:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {self._config.id} is not the leader; ask the leader",
+            )
+        deadline = time.monotonic() + timeout_ms / 1000
+        while time.monotonic() < deadline:
+            # Asked again and again: a follower qualifies only in a moment when it
+            # holds every entry, and a leader under load keeps appending.
+            raft.request_transfer(target)
+            time.sleep(TRANSFER_RETRY_S)
+            status = raft.status()
+            leader = status.leader
+            if leader is not None and leader != self._config.raft_addr:
+                peer = self._by_raft_addr.get(leader)
+                return cluster_pb2.TransferLeadershipReply(
+                    leader_id=peer.id if peer is not None else leader, term=status.term
+                )
+        context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"no follower took leadership within {timeout_ms} ms "
+            "(none held the leader's whole log when asked, or the election failed)",
+        )
+        raise AssertionError("unreachable")
 
     def _propose(self, batch: bytes, timeout_s: float, context: Any) -> log_pb2.BatchResult:
         _, proposer = self._started(context)

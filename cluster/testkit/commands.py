@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any
 
+import grpc
 import yaml
 from google.protobuf import json_format
 from rich.progress import Progress
@@ -39,6 +40,14 @@ def add_commands(top: Any, cluster: Any) -> None:
     up.add_argument("--dir", default=DEFAULT_DIR, help="data and logs (default %(default)s)")
     up.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for a leader")
     up.set_defaults(func=cmd_up)
+
+    rolling = cluster.add_parser(
+        "rolling-restart",
+        help="restart every node of the local cluster in turn, the leader last after "
+        "handing leadership to a caught-up follower",
+    )
+    rolling.add_argument("--dir", default=DEFAULT_DIR)
+    rolling.set_defaults(func=cmd_rolling_restart)
 
     down = cluster.add_parser("down", help="stop the local cluster")
     down.add_argument("--dir", default=DEFAULT_DIR)
@@ -94,6 +103,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(
             f"{spec.id}: web page http://{spec.http_addr}/  metrics http://{spec.http_addr}/metrics"
         )
+    return 0
+
+
+def cmd_rolling_restart(args: argparse.Namespace) -> int:
+    from cluster.testkit.rolling import Detached, RollingRestartFailed, rolling_restart
+
+    try:
+        order = rolling_restart(Detached(args.dir, tls=None, metadata=[]))
+    except (RollingRestartFailed, FileNotFoundError, grpc.RpcError) as exc:
+        print(f"sagactl: rolling restart failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"restarted {', '.join(order)}")
     return 0
 
 

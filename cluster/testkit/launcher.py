@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc
@@ -107,6 +107,7 @@ class NodeSpec:
     log_path: str
     pid: int = 0
     http_addr: str = ""  # the web page and /metrics ("": not served)
+    command: list[str] = field(default_factory=list)  # as last started (rolling restarts)
 
 
 class LocalCluster:
@@ -127,13 +128,15 @@ class LocalCluster:
         tls: bool = False,
         participant_tls: bool = False,
         http: bool = False,
+        tls_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
     ) -> None:
         """`auth`: an auth file with a token per role (`tokens`). `tls`: development
         certificates in `<base>/tls` (`tls_dir`; cluster.tls.make_dev_certs), every
         node serving gRPC with TLS and dialing its peers with it. `participant_tls`:
         the coordinator dials participants with TLS (TravelParticipants(tls_dir=...)).
         `http`: each node serves its web page and /metrics on a port of its own
-        (`specs[id].http_addr`)."""
+        (`specs[id].http_addr`). `tls_hosts`: the names and addresses the development
+        certificates are valid for."""
         if nodes not in (3, 5):
             raise ValueError(f"a local cluster has 3 or 5 nodes, not {nodes}")
         self.base_dir = os.path.abspath(base_dir)
@@ -158,7 +161,7 @@ class LocalCluster:
         self.tls_dir = os.path.join(self.base_dir, "tls") if (tls or participant_tls) else None
         self.client_tls: TlsFiles | None = None  # how the launcher and tests dial nodes
         if self.tls_dir is not None:
-            make_dev_certs(self.tls_dir)
+            make_dev_certs(self.tls_dir, tls_hosts)
             ca = os.path.join(self.tls_dir, "ca.pem")
             if tls:
                 node = dev_files(self.tls_dir, "node")
@@ -234,9 +237,10 @@ class LocalCluster:
     def start(self, node_id: str, detach: bool = False, env: dict[str, str] | None = None) -> None:
         """Start a node; `env` adds environment variables for this process only."""
         spec = self.specs[node_id]
+        spec.command = self.command(node_id)
         log = open(spec.log_path, "ab")
         proc = subprocess.Popen(
-            self.command(node_id),
+            spec.command,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=detach,
@@ -321,7 +325,11 @@ class LocalCluster:
             return self.stub(node_id).Status(
                 cluster_pb2.StatusRequest(), timeout=timeout_s, metadata=self.metadata
             )
-        except grpc.RpcError:
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # A link that dropped packets leaves a connection whose TCP backoff can
+                # outlast the fault by minutes: the next call dials a new one.
+                self._drop_channel(node_id)
             return None
 
     def wait_for_leader(

@@ -3,6 +3,7 @@ make pysyncobj durable and safe (see the package's docstring for each and why)."
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import os
@@ -108,6 +109,7 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         self._approved_deletion: int | None = None
         self._commit_floor = 0  # see _SyncObj__applyLogEntries
         self._reads = ReadRounds()
+        self._transfers: collections.deque[str] = collections.deque(maxlen=8)
         # The last entry applied to the store (raftLastApplied moves only after
         # apply_batch returns); readers wait on the condition for it to pass an index.
         self._applied = threading.Condition()
@@ -146,6 +148,7 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         between, self._pulse = start - self._pulse, start
         try:
             self._start_read_round()
+            self._start_transfers()
             self._read_before_campaigning()
             # Before the commit index is computed: a new leader's no-op entry is added
             # and sent from inside a poll, whose answer can be read in that same poll.
@@ -327,6 +330,27 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         if clearJournal and len(journal) and journal[-1][2] == self.raftCurrentTerm:
             clearJournal = False
         SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+
+    # ---- leadership transfer ---------------------------------------------------------
+
+    def request_transfer(self, to_raft_addr: str | None = None) -> None:
+        """Any thread: ask the Raft loop to hand leadership to the node at
+        `to_raft_addr`, or (None) to the most caught-up connected follower, with
+        Raft's TimeoutNow. Best effort: pysyncobj refuses while the target lacks
+        any entry of the leader's log, so the caller asks again until another node
+        leads (cluster.runtime.service.ClusterService.TransferLeadership)."""
+        self._transfers.append(to_raft_addr or "")
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            notifier.notify()
+
+    def _start_transfers(self) -> None:
+        """Raft thread: pysyncobj's transferLeadership reads and sends from Raft state
+        that only this thread may touch."""
+        while self._transfers:
+            target = self._transfers.popleft()
+            if self._SyncObj__raftState == 2:  # type: ignore[has-type]
+                self.transferLeadership(target or None)
 
     # ---- ReadIndex -------------------------------------------------------------------
 

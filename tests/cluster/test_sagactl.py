@@ -51,6 +51,11 @@ def test_a_user_session(tmp_path) -> None:
         assert refused.returncode == 1 and "no vertices" in refused.stderr
         status = sagactl(tmp_path, "cluster", "status")
         assert status.stdout.count("leader") >= 1
+        rolled = sagactl(tmp_path, "cluster", "rolling-restart")
+        assert rolled.stdout.count("restarted and serving") == 3, rolled.stdout
+        assert "handed leadership to" in rolled.stdout
+        after = sagactl(tmp_path, "saga", "submit", definition, "--id", "t2", "--watch")
+        assert "COMPLETED" in after.stdout
     finally:
         sagactl(tmp_path, "travel", "down", check=False)
         sagactl(tmp_path, "cluster", "down", check=False)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from saga.v1 import log_pb2 as saga_dot_v1_dot_log__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15saga/v1/cluster.proto\x12\x07saga.v1\x1a\x11saga/v1/log.proto\"O\n\x08NodeInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\traft_addr\x18\x02 \x01(\t\x12\x11\n\tgrpc_addr\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\"\x0f\n\rStatusRequest\"\xe0\x02\n\x0bStatusReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1b\n\x04role\x18\x02 \x01(\x0e\x32\r.saga.v1.Role\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x11\n\tleader_id\x18\x05 \x01(\t\x12\x18\n\x10leader_grpc_addr\x18\x06 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x07 \x01(\x04\x12\x15\n\rapplied_index\x18\x08 \x01(\x04\x12\"\n\x07members\x18\t \x03(\x0b\x32\x11.saga.v1.NodeInfo\x12\x38\n\nregistered\x18\n \x03(\x0b\x32$.saga.v1.StatusReply.RegisteredEntry\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x11\n\tin_office\x18\x0c \x01(\x08\x1a\x31\n\x0fRegisteredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"3\n\x0eProposeRequest\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x0c\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"4\n\x0cProposeReply\x12$\n\x06result\x18\x01 \x01(\x0b\x32\x14.saga.v1.BatchResult\"\x0f\n\rDigestRequest\"`\n\x0b\x44igestReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0f\n\x07records\x18\x04 \x01(\x04\x12\r\n\x05sagas\x18\x05 \x01(\x04\"\"\n\x0fReadSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"1\n\rReadSagaReply\x12 \n\x07records\x18\x01 \x03(\x0b\x32\x0f.saga.v1.Record\"&\n\x13\x46orgetMemberRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\":\n\x11\x46orgetMemberReply\x12%\n\x06result\x18\x01 \x01(\x0b\x32\x15.saga.v1.RecordResult\"\x12\n\x10ReadIndexRequest\"\x1f\n\x0eReadIndexReply\x12\r\n\x05index\x18\x01 \x01(\x04*E\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46OLLOWER\x10\x01\x12\r\n\tCANDIDATE\x10\x02\x12\n\n\x06LEADER\x10\x03\x32\xfd\x02\n\x07\x43luster\x12\x36\n\x06Status\x12\x16.saga.v1.StatusRequest\x1a\x14.saga.v1.StatusReply\x12\x39\n\x07Propose\x12\x17.saga.v1.ProposeRequest\x1a\x15.saga.v1.ProposeReply\x12\x36\n\x06\x44igest\x12\x16.saga.v1.DigestRequest\x1a\x14.saga.v1.DigestReply\x12<\n\x08ReadSaga\x12\x18.saga.v1.ReadSagaRequest\x1a\x16.saga.v1.ReadSagaReply\x12?\n\tReadIndex\x12\x19.saga.v1.ReadIndexRequest\x1a\x17.saga.v1.ReadIndexReply\x12H\n\x0c\x46orgetMember\x12\x1c.saga.v1.ForgetMemberRequest\x1a\x1a.saga.v1.ForgetMemberReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15saga/v1/cluster.proto\x12\x07saga.v1\x1a\x11saga/v1/log.proto\"O\n\x08NodeInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\traft_addr\x18\x02 \x01(\t\x12\x11\n\tgrpc_addr\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\"\x0f\n\rStatusRequest\"\xe0\x02\n\x0bStatusReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1b\n\x04role\x18\x02 \x01(\x0e\x32\r.saga.v1.Role\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x11\n\tleader_id\x18\x05 \x01(\t\x12\x18\n\x10leader_grpc_addr\x18\x06 \x01(\t\x12\x14\n\x0c\x63ommit_index\x18\x07 \x01(\x04\x12\x15\n\rapplied_index\x18\x08 \x01(\x04\x12\"\n\x07members\x18\t \x03(\x0b\x32\x11.saga.v1.NodeInfo\x12\x38\n\nregistered\x18\n \x03(\x0b\x32$.saga.v1.StatusReply.RegisteredEntry\x12\r\n\x05ready\x18\x0b \x01(\x08\x12\x11\n\tin_office\x18\x0c \x01(\x08\x1a\x31\n\x0fRegisteredEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"3\n\x0eProposeRequest\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x0c\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"4\n\x0cProposeReply\x12$\n\x06result\x18\x01 \x01(\x0b\x32\x14.saga.v1.BatchResult\"\x0f\n\rDigestRequest\"`\n\x0b\x44igestReply\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rapplied_index\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0f\n\x07records\x18\x04 \x01(\x04\x12\r\n\x05sagas\x18\x05 \x01(\x04\"\"\n\x0fReadSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"1\n\rReadSagaReply\x12 \n\x07records\x18\x01 \x03(\x0b\x32\x0f.saga.v1.Record\"&\n\x13\x46orgetMemberRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\":\n\x11\x46orgetMemberReply\x12%\n\x06result\x18\x01 \x01(\x0b\x32\x15.saga.v1.RecordResult\"C\n\x19TransferLeadershipRequest\x12\x12\n\nto_node_id\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\":\n\x17TransferLeadershipReply\x12\x11\n\tleader_id\x18\x01 \x01(\t\x12\x0c\n\x04term\x18\x02 \x01(\x04\"\x12\n\x10ReadIndexRequest\"\x1f\n\x0eReadIndexReply\x12\r\n\x05index\x18\x01 \x01(\x04*E\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x46OLLOWER\x10\x01\x12\r\n\tCANDIDATE\x10\x02\x12\n\n\x06LEADER\x10\x03\x32\xd9\x03\n\x07\x43luster\x12\x36\n\x06Status\x12\x16.saga.v1.StatusRequest\x1a\x14.saga.v1.StatusReply\x12\x39\n\x07Propose\x12\x17.saga.v1.ProposeRequest\x1a\x15.saga.v1.ProposeReply\x12\x36\n\x06\x44igest\x12\x16.saga.v1.DigestRequest\x1a\x14.saga.v1.DigestReply\x12<\n\x08ReadSaga\x12\x18.saga.v1.ReadSagaRequest\x1a\x16.saga.v1.ReadSagaReply\x12?\n\tReadIndex\x12\x19.saga.v1.ReadIndexRequest\x1a\x17.saga.v1.ReadIndexReply\x12H\n\x0c\x46orgetMember\x12\x1c.saga.v1.ForgetMemberRequest\x1a\x1a.saga.v1.ForgetMemberReply\x12Z\n\x12TransferLeadership\x12\".saga.v1.TransferLeadershipRequest\x1a .saga.v1.TransferLeadershipReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATUSREPLY_REGISTEREDENTRY']._loaded_options = None
   _globals['_STATUSREPLY_REGISTEREDENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=968
-  _globals['_ROLE']._serialized_end=1037
+  _globals['_ROLE']._serialized_start=1097
+  _globals['_ROLE']._serialized_end=1166
   _globals['_NODEINFO']._serialized_start=53
   _globals['_NODEINFO']._serialized_end=132
   _globals['_STATUSREQUEST']._serialized_start=134
@@ -60,10 +60,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORGETMEMBERREQUEST']._serialized_end=853
   _globals['_FORGETMEMBERREPLY']._serialized_start=855
   _globals['_FORGETMEMBERREPLY']._serialized_end=913
-  _globals['_READINDEXREQUEST']._serialized_start=915
-  _globals['_READINDEXREQUEST']._serialized_end=933
-  _globals['_READINDEXREPLY']._serialized_start=935
-  _globals['_READINDEXREPLY']._serialized_end=966
-  _globals['_CLUSTER']._serialized_start=1040
-  _globals['_CLUSTER']._serialized_end=1421
+  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_start=915
+  _globals['_TRANSFERLEADERSHIPREQUEST']._serialized_end=982
+  _globals['_TRANSFERLEADERSHIPREPLY']._serialized_start=984
+  _globals['_TRANSFERLEADERSHIPREPLY']._serialized_end=1042
+  _globals['_READINDEXREQUEST']._serialized_start=1044
+  _globals['_READINDEXREQUEST']._serialized_end=1062
+  _globals['_READINDEXREPLY']._serialized_start=1064
+  _globals['_READINDEXREPLY']._serialized_end=1095
+  _globals['_CLUSTER']._serialized_start=1169
+  _globals['_CLUSTER']._serialized_end=1642
 # @@protoc_insertion_point(module_scope)

@@ -126,6 +126,22 @@ class ForgetMemberReply(_message.Message):
     result: _log_pb2.RecordResult
     def __init__(self, result: _Optional[_Union[_log_pb2.RecordResult, _Mapping]] = ...) -> None: ...
 
+class TransferLeadershipRequest(_message.Message):
+    __slots__ = ("to_node_id", "timeout_ms")
+    TO_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    to_node_id: str
+    timeout_ms: int
+    def __init__(self, to_node_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class TransferLeadershipReply(_message.Message):
+    __slots__ = ("leader_id", "term")
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    leader_id: str
+    term: int
+    def __init__(self, leader_id: _Optional[str] = ..., term: _Optional[int] = ...) -> None: ...
+
 class ReadIndexRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -64,6 +64,11 @@ class ClusterStub:
                 request_serializer=saga_dot_v1_dot_cluster__pb2.ForgetMemberRequest.SerializeToString,
                 response_deserializer=saga_dot_v1_dot_cluster__pb2.ForgetMemberReply.FromString,
                 _registered_method=True)
+        self.TransferLeadership = channel.unary_unary(
+                '/saga.v1.Cluster/TransferLeadership',
+                request_serializer=saga_dot_v1_dot_cluster__pb2.TransferLeadershipRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_cluster__pb2.TransferLeadershipReply.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -118,6 +123,17 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TransferLeadership(self, request, context):
+        """Leader only (FAILED_PRECONDITION elsewhere): hand leadership to a follower that
+        holds every entry of the leader's log (Raft's TimeoutNow), to `to_node_id` or,
+        when empty, to the most caught-up connected one; answers once another node
+        leads (the old leader's coordinator has stopped by then), DEADLINE_EXCEEDED if
+        none does within timeout_ms. For rolling restarts and maintenance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +166,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.ForgetMember,
                     request_deserializer=saga_dot_v1_dot_cluster__pb2.ForgetMemberRequest.FromString,
                     response_serializer=saga_dot_v1_dot_cluster__pb2.ForgetMemberReply.SerializeToString,
+            ),
+            'TransferLeadership': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferLeadership,
+                    request_deserializer=saga_dot_v1_dot_cluster__pb2.TransferLeadershipRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_cluster__pb2.TransferLeadershipReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +335,33 @@ class Cluster:
             '/saga.v1.Cluster/ForgetMember',
             saga_dot_v1_dot_cluster__pb2.ForgetMemberRequest.SerializeToString,
             saga_dot_v1_dot_cluster__pb2.ForgetMemberReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferLeadership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.Cluster/TransferLeadership',
+            saga_dot_v1_dot_cluster__pb2.TransferLeadershipRequest.SerializeToString,
+            saga_dot_v1_dot_cluster__pb2.TransferLeadershipReply.FromString,
             options,
             channel_credentials,
             insecure,
