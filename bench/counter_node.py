@@ -40,6 +40,7 @@ import grpc
 from pysyncobj import FAIL_REASON, SyncObj, replicated
 from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
+from cluster.grpcutil import SERVER_KEEPALIVE_OPTIONS
 from cluster.runtime.config import DEFAULT_GRPC_WORKERS, Peer, read_secret
 from sagalog import codec
 from sagalog.framecipher import EncryptedFrames, FrameCipher
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            *SERVER_KEEPALIVE_OPTIONS,  # its clients ping while calls wait (cluster.grpcutil)
         ],
     )
     cluster_pb2_grpc.add_ClusterServicer_to_server(service, server)

@@ -63,6 +63,7 @@ EXIT_USAGE = 2
 EXIT_REFUSED = 78  # EX_CONFIG: this node must not start as configured
 
 DUTY_PERIOD_S = 0.02
+HAND_OVER_WAIT_S = 5.0  # for the coordinator to stop before leadership moves
 GRPC_MAX_MESSAGE_BYTES = codec.MAX_BATCH_BYTES + (1 << 20)
 # Calls a node holds at once, waiting ones included; past it gRPC answers
 # RESOURCE_EXHAUSTED. Room for every Watch and Run stream plus the unary calls
@@ -181,6 +182,7 @@ class Node:
         self._duties = threading.Thread(target=self._run_duties, name="duties", daemon=True)
         self.registered = False
         self._log_format_current = False  # the log is at LOG_FORMAT (seen or made so)
+        self._handing_over = False  # see hand_over
         self.epoch_term = -1  # the Raft term in which this node last committed an Epoch
         self.epoch_number = 0  # the epoch it committed then
         self.driver: Driver | None = None
@@ -222,7 +224,9 @@ class Node:
         self.proposer = Proposer(
             self.raft, self.config.max_in_flight_proposals, self.metrics.observe_commit
         )
-        self.service.attach(self.raft, self.proposer, self.in_office, self.office_term)
+        self.service.attach(
+            self.raft, self.proposer, self.in_office, self.office_term, self.hand_over
+        )
         self._duties.start()
         self.retention = Retention(
             self.config.ended_retention_s, self.in_office, self._oldest_ended_ms, self._propose_one
@@ -393,13 +397,29 @@ class Node:
                 self.standby.reset()
 
     def in_office(self) -> bool:
-        """Leader with its own Epoch committed in the current term."""
+        """Leader with its own Epoch committed in the current term, and not handing
+        leadership over."""
         raft = self.raft
         return (
             raft is not None
+            and not self._handing_over
             and raft_role(raft) == cluster_pb2.LEADER
             and self.epoch_term == raft.raftCurrentTerm
         )
+
+    def hand_over(self, on: bool) -> bool:
+        """Leave office before leadership is handed to a follower (on=True): the
+        follower campaigns at once (TimeoutNow), without the election timeout the
+        lease's margin counts on, so this node's coordinator must have stopped
+        acting first. True once it has (within HAND_OVER_WAIT_S). on=False: back
+        in office if it still leads (the transfer failed)."""
+        self._handing_over = on
+        if not on:
+            return True
+        deadline = time.monotonic() + HAND_OVER_WAIT_S
+        while self.driver is not None and time.monotonic() < deadline:
+            time.sleep(DUTY_PERIOD_S)
+        return self.driver is None
 
     def stop(self) -> None:
         self._stopping.set()

@@ -19,7 +19,8 @@ from sagalog.readindex import ReadRefused
 
 MAX_PROPOSE_TIMEOUT_MS = 60_000
 DEFAULT_TRANSFER_TIMEOUT_MS = 5_000
-TRANSFER_RETRY_S = 0.02
+TRANSFER_POLL_S = 0.02
+TRANSFER_RESEND_S = 0.5
 # A leader confirms its leadership within a heartbeat round (milliseconds); one
 # that cannot within this is cut off or deposed, and the reader tries elsewhere.
 READ_INDEX_TIMEOUT_S = 2.0
@@ -48,6 +49,7 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         self._proposer: Proposer | None = None
         self._in_office: Callable[[], bool] = lambda: False
         self._office_term: Callable[[], int | None] = lambda: None
+        self._hand_over: Callable[[bool], bool] = lambda on: False
 
     def attach(
         self,
@@ -55,10 +57,12 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         proposer: Proposer,
         in_office: Callable[[], bool],
         office_term: Callable[[], int | None],
+        hand_over: Callable[[bool], bool],
     ) -> None:
         self._proposer = proposer
         self._in_office = in_office
         self._office_term = office_term
+        self._hand_over = hand_over
         self._raft = raft
 
     def _started(self, context: Any) -> tuple[SagaLogRaft, Proposer]:
@@ -202,37 +206,52 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"timeout_ms {timeout_ms} exceeds the limit {MAX_PROPOSE_TIMEOUT_MS}",
             )
-        target = None
-        if request.to_node_id:
-            if request.to_node_id == self._config.id:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this node already leads")
-            peer = next((p for p in self._config.peers if p.id == request.to_node_id), None)
-            if peer is None:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"no node {request.to_node_id!r}")
-            assert peer is not None
-            target = peer.raft_addr
         if raft_role(raft) != cluster_pb2.LEADER:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"node {self._config.id} is not the leader; ask the leader",
             )
-        deadline = time.monotonic() + timeout_ms / 1000
-        while time.monotonic() < deadline:
-            # Asked again and again: a follower qualifies only in a moment when it
-            # holds every entry, and a leader under load keeps appending.
-            raft.request_transfer(target)
-            time.sleep(TRANSFER_RETRY_S)
+        target = None
+        if request.to_node_id:
+            peer = next((p for p in self._config.peers if p.id == request.to_node_id), None)
+            if request.to_node_id == self._config.id:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this node already leads")
+            if peer is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no node {request.to_node_id!r}")
+            assert peer is not None
+            target = peer.raft_addr
+        # Leave office first: the coordinator stops and no new saga is admitted, so
+        # the target stays caught up and two coordinators never act at once.
+        if not self._hand_over(True):
+            self._hand_over(False)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator did not stop in time")
+        try:
+            return self._transfer(raft, target, timeout_ms / 1000, context)
+        finally:
+            self._hand_over(False)
+
+    def _transfer(
+        self, raft: SagaLogRaft, target: str | None, timeout_s: float, context: Any
+    ) -> cluster_pb2.TransferLeadershipReply:
+        deadline = time.monotonic() + timeout_s
+        asked = 0.0
+        while time.monotonic() < deadline:  # bounded by timeout_ms (at most 60 s)
+            if time.monotonic() - asked >= TRANSFER_RESEND_S:
+                # Asked again only after an election's worth of time: a follower
+                # qualifies only when it holds every entry of the leader's log.
+                raft.request_transfer(target)
+                asked = time.monotonic()
+            time.sleep(TRANSFER_POLL_S)
             status = raft.status()
-            leader = status.leader
-            if leader is not None and leader != self._config.raft_addr:
-                peer = self._by_raft_addr.get(leader)
+            if status.leader is not None and status.leader != self._config.raft_addr:
+                peer = self._by_raft_addr.get(status.leader)
                 return cluster_pb2.TransferLeadershipReply(
-                    leader_id=peer.id if peer is not None else leader, term=status.term
+                    leader_id=peer.id if peer is not None else status.leader, term=status.term
                 )
         context.abort(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"no follower took leadership within {timeout_ms} ms "
-            "(none held the leader's whole log when asked, or the election failed)",
+            grpc.StatusCode.UNAVAILABLE,
+            f"no follower took leadership within {timeout_s:.1f} s "
+            "(none held the leader's whole log when asked, or its election failed)",
         )
         raise AssertionError("unreachable")
 

@@ -8,6 +8,7 @@ PID. `cluster.json` in the base directory records them for `sagactl`.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import secrets
@@ -96,6 +97,9 @@ def stop_processes(procs: Iterable[subprocess.Popen], timeout_s: float) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+MAX_RETIRED_CHANNELS = 32  # replaced channels kept open for calls still on them
 
 
 @dataclass
@@ -193,6 +197,9 @@ class LocalCluster:
         )
         self.procs: dict[str, subprocess.Popen] = {}
         self._channels: dict[str, grpc.Channel] = {}
+        # Channels replaced after a timeout: other threads may still have calls on
+        # them, so they are closed later (the oldest past the bound, the rest at stop).
+        self._retired: collections.deque[grpc.Channel] = collections.deque()
 
     # ---- processes -------------------------------------------------------------------
 
@@ -290,6 +297,8 @@ class LocalCluster:
         stop_processes(self.procs.values(), timeout_s)
         for node_id in list(self._channels):
             self._drop_channel(node_id)
+        while self._retired:
+            self._retired.popleft().close()
 
     def save_state(self) -> None:
         with open(os.path.join(self.base_dir, STATE_FILE), "w") as f:
@@ -329,8 +338,15 @@ class LocalCluster:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 # A link that dropped packets leaves a connection whose TCP backoff can
                 # outlast the fault by minutes: the next call dials a new one.
-                self._drop_channel(node_id)
+                self._retire_channel(node_id)
             return None
+
+    def _retire_channel(self, node_id: str) -> None:
+        channel = self._channels.pop(node_id, None)
+        if channel is not None:
+            self._retired.append(channel)
+            if len(self._retired) > MAX_RETIRED_CHANNELS:
+                self._retired.popleft().close()
 
     def wait_for_leader(
         self, timeout_s: float = 10.0, among: list[str] | None = None

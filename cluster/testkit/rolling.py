@@ -121,9 +121,11 @@ class Detached:
         self._save()
 
     def _save(self) -> None:
+        """Replaced whole (other sagactl calls read it meanwhile)."""
         path = os.path.join(self._base_dir, STATE_FILE)
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump({"nodes": [asdict(s) for s in self._specs.values()]}, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def _alive(pid: int) -> bool:
@@ -131,11 +133,13 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
     try:  # a zombie (exited, not yet reaped by its parent) is not running
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return False
+            return f.read().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True  # cannot tell: assume it runs (starting another would clash)
 
 
 def _status(nodes: Nodes, node_id: str) -> cluster_pb2.StatusReply | None:
@@ -192,19 +196,8 @@ def restart(nodes: Nodes, node_id: str, log: Callable[[str], None]) -> None:
     log(f"{node_id} restarted and serving in {time.monotonic() - started:.2f} s")
 
 
-def rolling_restart(nodes: Nodes, log: Callable[[str], None] = print) -> list[str]:
-    """Restart every node, followers first, the leader last after it handed
-    leadership to a caught-up follower; returns the order. RollingRestartFailed
-    when a step does not finish in time (the cluster is then left as it is)."""
-    leader = _until("a leader in office", lambda: leader_of(nodes), 30)
-    order = [n for n in nodes.ids() if n != leader] + [leader]
-    for node_id in order[:-1]:
-        _until(
-            f"every node serving before {node_id} stops",
-            lambda: all(serving(nodes, n) for n in nodes.ids()),
-            SERVE_TIMEOUT_S,
-        )
-        restart(nodes, node_id, log)
+def hand_over(nodes: Nodes, leader: str, log: Callable[[str], None]) -> str:
+    """Ask `leader` to hand leadership over; return the node in office after it."""
     with channel_to(nodes.grpc_addr(leader), nodes.tls) as channel:
         reply = cluster_pb2_grpc.ClusterStub(channel).TransferLeadership(
             cluster_pb2.TransferLeadershipRequest(timeout_ms=TRANSFER_TIMEOUT_MS),
@@ -212,10 +205,29 @@ def rolling_restart(nodes: Nodes, log: Callable[[str], None] = print) -> list[st
             metadata=nodes.metadata,
         )
     log(f"{leader} handed leadership to {reply.leader_id} (term {reply.term})")
-    _until(
-        f"a new leader in office after {leader}",
-        lambda: (new := leader_of(nodes)) is not None and new != leader,
-        30,
-    )
-    restart(nodes, leader, log)
+
+    def successor() -> str | None:
+        now = leader_of(nodes)
+        return now if now != leader else None
+
+    return _until(f"a new leader in office after {leader}", successor, 30)
+
+
+def rolling_restart(nodes: Nodes, log: Callable[[str], None] = print) -> list[str]:
+    """Restart every node once, followers first; a node found leading when its turn
+    comes (the last one, or one that became leader meanwhile) first hands leadership
+    to a caught-up follower. Returns the order. RollingRestartFailed when a step does
+    not finish in time (the cluster is then left as it is)."""
+    leader = _until("a leader in office", lambda: leader_of(nodes), 30)
+    order = [n for n in nodes.ids() if n != leader] + [leader]
+    for node_id in order:
+        _until(
+            f"every node serving before {node_id} stops",
+            lambda: all(serving(nodes, n) for n in nodes.ids()),
+            SERVE_TIMEOUT_S,
+        )
+        now = _until("a leader in office", lambda: leader_of(nodes), 30)
+        if now == node_id:
+            hand_over(nodes, node_id, log)
+        restart(nodes, node_id, log)
     return order

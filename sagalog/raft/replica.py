@@ -351,6 +351,13 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
             target = self._transfers.popleft()
             if self._SyncObj__raftState == 2:  # type: ignore[has-type]
                 self.transferLeadership(target or None)
+                # Deposed by the target's vote request, this node refuses its vote if
+                # it appended more meanwhile; pysyncobj leaves a leader's election
+                # deadline long past, so it would campaign in its next tick and take
+                # leadership straight back. Wait an election timeout like anyone.
+                self._SyncObj__raftElectionDeadline = (
+                    raft_clock() + self._SyncObj__generateRaftTimeout()
+                )
 
     # ---- ReadIndex -------------------------------------------------------------------
 

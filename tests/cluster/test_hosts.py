@@ -13,6 +13,7 @@ skips and says why otherwise, unless SAGA_REQUIRE_HOSTS=1 (set by .ci/run).
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -61,22 +62,33 @@ class Hosts:
     """A bridge in this namespace and NODES namespaces on it, each a 'host'."""
 
     def __init__(self) -> None:
-        k = os.getpid() % 200 + 20
+        # Random names and a subnet no interface here uses: runs side by side (or a
+        # killed run's leftovers) never collide, and tear_down deletes only ours.
+        used = subprocess.run(
+            ["ip", "-o", "addr"], capture_output=True, text=True, timeout=10
+        ).stdout
+        free = [k for k in range(20, 250) if f" 10.213.{k}." not in used]
+        k = secrets.choice(free)
+        tag = secrets.token_hex(2)
         self.subnet = f"10.213.{k}"
-        self.bridge = f"sbr{k}"
+        self.bridge = f"sbr{tag}"
         self.bridge_ip = f"{self.subnet}.254"
-        self.namespaces = {f"n{i}": f"saga{k}n{i}" for i in range(1, NODES + 1)}
+        self.namespaces = {f"n{i}": f"saga{tag}n{i}" for i in range(1, NODES + 1)}
         self.ips = {f"n{i}": f"{self.subnet}.{i}" for i in range(1, NODES + 1)}
-        self._veths = [f"sv{k}n{i}" for i in range(1, NODES + 1)]
+        self._veths = [f"sv{tag}n{i}" for i in range(1, NODES + 1)]
+        self._made: list[tuple[str, ...]] = []  # how to delete what build() made
 
     def build(self) -> None:
         _run("ip", "link", "add", self.bridge, "type", "bridge")
+        self._made.append(("ip", "link", "del", self.bridge))
         _run("ip", "addr", "add", f"{self.bridge_ip}/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
         for (node, ns), veth in zip(self.namespaces.items(), self._veths, strict=True):
             peer = veth.replace("sv", "sp")
             _run("ip", "netns", "add", ns)
+            self._made.append(("ip", "netns", "del", ns))  # its end of the veth pair too
             _run("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
+            self._made.append(("ip", "link", "del", veth))
             _run("ip", "link", "set", peer, "netns", ns)
             _run("ip", "link", "set", veth, "master", self.bridge)
             _run("ip", "link", "set", veth, "up")
@@ -87,11 +99,8 @@ class Hosts:
             _run(*inside, "ip", "link", "set", "lo", "up")
 
     def tear_down(self) -> None:
-        for ns in self.namespaces.values():  # deleting a namespace deletes its veth pair
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        for veth in self._veths:
-            subprocess.run(["ip", "link", "del", veth], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        for command in reversed(self._made):
+            subprocess.run(command, capture_output=True, timeout=20)
 
     def iptables(self, node: str, *rule: str) -> None:
         _run("ip", "netns", "exec", self.namespaces[node], "iptables", *rule)
@@ -159,19 +168,22 @@ def test_nodes_on_separate_hosts_survive_a_partition_and_lossy_links(hosts, tmp_
         addrs = [s.grpc_addr for s in cluster.specs.values()]
         done: dict[str, int | str] = {}
 
-        def run_phase(name: str) -> None:
-            with SagaClient(
+        def client(role: str) -> SagaClient:
+            return SagaClient(
                 addrs,
-                token=cluster.tokens["client"],
+                token=cluster.tokens[role],
                 tls_ca=str(files.ca),
                 tls_cert=str(files.cert),
                 tls_key=str(files.key),
                 retry_deadline_s=60,
-            ) as client:
+            )
+
+        def run_phase(name: str) -> None:
+            with client("client") as saga_client:
                 for i in range(SAGAS_PER_PHASE):
                     saga_id = f"{name}-{i}"
                     try:
-                        done[saga_id] = client.run(definition, b"{}", saga_id, 60).state
+                        done[saga_id] = saga_client.run(definition, b"{}", saga_id, 60).state
                     except (grpc.RpcError, TimeoutError) as exc:
                         done[saga_id] = f"failed: {exc}"
 
@@ -182,22 +194,17 @@ def test_nodes_on_separate_hosts_survive_a_partition_and_lossy_links(hosts, tmp_
         others = [n for n in cluster.specs if n != leader]
         new_leader = cluster.wait_for_leader(30, among=others).id
         hosts.heal(leader)
-        cluster.wait_for_leader(30)
-        hosts.lossy(new_leader, DROP_PROBABILITY)  # now the new leader's link loses packets
+        lossy = cluster.wait_for_leader(30).id  # the leader now (the healed one may lead)
+        assert new_leader != leader  # the majority failed over
+        hosts.lossy(lossy, DROP_PROBABILITY)  # now the leader's link loses packets
         run_phase("lossy")
-        hosts.heal(new_leader)
+        hosts.heal(lossy)
 
         failed = {s: r for s, r in done.items() if r != sagas_pb2.COMPLETED}
         assert not failed, failed
         assert len(done) == 3 * SAGAS_PER_PHASE
-        with SagaClient(
-            addrs,
-            token=cluster.tokens["operator"],
-            tls_ca=str(files.ca),
-            tls_cert=str(files.cert),
-            tls_key=str(files.key),
-        ) as client:
-            check_guarantee(client, parts, sorted(done))
+        with client("operator") as operator:
+            check_guarantee(operator, parts, sorted(done))
         cluster.wait_identical(30)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not all(cluster.alive(n) for n in cluster.specs):

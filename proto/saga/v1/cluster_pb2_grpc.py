@@ -124,11 +124,12 @@ class ClusterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TransferLeadership(self, request, context):
-        """Leader only (FAILED_PRECONDITION elsewhere): hand leadership to a follower that
-        holds every entry of the leader's log (Raft's TimeoutNow), to `to_node_id` or,
-        when empty, to the most caught-up connected one; answers once another node
-        leads (the old leader's coordinator has stopped by then), DEADLINE_EXCEEDED if
-        none does within timeout_ms. For rolling restarts and maintenance.
+        """Leader only (FAILED_PRECONDITION elsewhere): leave office (the coordinator
+        stops and Submits are refused UNAVAILABLE meanwhile), then hand leadership to a
+        follower that holds every entry of the leader's log (Raft's TimeoutNow), to
+        `to_node_id` or, when empty, to the most caught-up connected one; answers once
+        another node leads, UNAVAILABLE if none does within timeout_ms (this node
+        then takes office again). For rolling restarts and maintenance.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
