@@ -500,6 +500,9 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         view = self._view(request.saga_id)
         if request.vertex not in view.state.vertices:
             raise Refusal(grpc.StatusCode.NOT_FOUND, f"no vertex {request.vertex!r} in the saga")
+        resolved_by = codec_text(f"resolved by an operator: {request.reason}")
+        if _resolved_as(view, request.vertex, resolved_by):
+            return sagas_pb2.ResolveReply()  # a retry of a resolution already logged
         comp = view.comp(request.vertex)
         if comp is not Comp.STUCK:
             # A compensation merely started may still be running: closing it by hand
@@ -513,7 +516,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             request.saga_id,
             epoch,
             request.vertex,
-            resolved_by=codec_text(f"resolved by an operator: {request.reason}"),
+            resolved_by=resolved_by,
             time_ms=int(time.time() * 1000),
         )
         result = self._propose([record]).results[0]
@@ -730,6 +733,15 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             await sub.wait(PUSH_RECHECK_S if known else WATCH_UNKNOWN_GRACE_S)
             pending, fell_behind = sub.take()
             reread = fell_behind or not pending
+
+
+def _resolved_as(view: SagaView, vertex: str, resolved_by: str) -> bool:
+    """Whether the log already holds this very resolution of `vertex` (Resolve is
+    retried by clients after a lost answer: the same request must succeed again)."""
+    return any(
+        r.HasField("end_c") and r.end_c.vertex == vertex and r.end_c.resolved_by == resolved_by
+        for r in view.records
+    )
 
 
 def _check_saga_id(saga_id: str) -> None:

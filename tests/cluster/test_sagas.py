@@ -235,6 +235,10 @@ def test_a_compensation_that_keeps_failing_is_stuck_retried_and_resolvable(
         client.resolve(saga_id, "Hotel", "")
     assert no_reason.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     client.resolve(saga_id, "Hotel", "cancelled by phone with the hotel")
+    client.resolve(saga_id, "Hotel", "cancelled by phone with the hotel")  # a retry: fine
+    with pytest.raises(grpc.RpcError) as another:  # another resolution: too late
+        client.resolve(saga_id, "Hotel", "refunded")
+    assert another.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     info = client.wait_for_end(saga_id, 30)
     assert info.state == sagas_pb2.ABORTED
     assert any("by phone" in r.end_c.resolved_by for r in info.records if r.HasField("end_c"))
