@@ -168,6 +168,7 @@ class Node:
         self._loop_thread.start()
         self.feed: AppliedFeed | None = AppliedFeed(self._loop)
         self.raft: SagaLogRaft | None = None
+        self._handing_over = False  # see hand_over
         self.health = HealthReporter(self.can_serve)
         self.metrics = Metrics(config.id, self.metrics_state)
         self.lifetimes = Lifetimes()
@@ -182,7 +183,6 @@ class Node:
         self._duties = threading.Thread(target=self._run_duties, name="duties", daemon=True)
         self.registered = False
         self._log_format_current = False  # the log is at LOG_FORMAT (seen or made so)
-        self._handing_over = False  # see hand_over
         self.epoch_term = -1  # the Raft term in which this node last committed an Epoch
         self.epoch_number = 0  # the epoch it committed then
         self.driver: Driver | None = None

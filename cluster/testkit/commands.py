@@ -29,6 +29,7 @@ from rich.progress import Progress
 from cluster.client.sagactl import CONSOLE, DEFAULT_DIR, status_table
 from cluster.localstate import STATE_FILE
 from cluster.testkit.launcher import LocalCluster, load_state
+from cluster.testkit.rolling import pid_alive
 from cluster.testkit.travel import TravelParticipants, travel_definition
 
 
@@ -78,7 +79,7 @@ def add_commands(top: Any, cluster: Any) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     if os.path.exists(os.path.join(args.dir, STATE_FILE)):
-        alive = [s for s in load_state(args.dir) if s.pid and _pid_alive(s.pid)]
+        alive = [s for s in load_state(args.dir) if s.pid and pid_alive(s.pid)]
         if alive:
             print(
                 f"sagactl: a cluster is already running in {args.dir!r} "
@@ -121,13 +122,13 @@ def cmd_rolling_restart(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     specs = load_state(args.dir)
     for spec in specs:
-        if spec.pid and _pid_alive(spec.pid):
+        if spec.pid and pid_alive(spec.pid):
             os.kill(spec.pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     for spec in specs:
-        while spec.pid and _pid_alive(spec.pid) and time.monotonic() < deadline:
+        while spec.pid and pid_alive(spec.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if spec.pid and _pid_alive(spec.pid):
+        if spec.pid and pid_alive(spec.pid):
             os.kill(spec.pid, signal.SIGKILL)
     print(f"stopped {len(specs)} nodes")
     return 0
@@ -218,22 +219,7 @@ def cmd_travel_down(args: argparse.Namespace) -> int:
     with open(os.path.join(args.dir, TRAVEL_STATE)) as f:
         pids = json.load(f)
     for pid in pids.values():
-        if pid and _pid_alive(pid):
+        if pid and pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
     print(f"stopped {len(pids)} participants")
     return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (our own child not yet reaped) counts as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True

@@ -105,7 +105,7 @@ class Detached:
         except ProcessLookupError:
             return None
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while _alive(pid):
+        while pid_alive(pid):
             if time.monotonic() > deadline:
                 raise RollingRestartFailed(f"{node_id} (pid {pid}) did not exit after SIGTERM")
             time.sleep(0.05)
@@ -128,7 +128,8 @@ class Detached:
         os.replace(path + ".tmp", path)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not; one whose state cannot be read does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

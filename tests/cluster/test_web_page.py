@@ -228,6 +228,12 @@ def test_the_saga_page_follows_sagas_live_through_a_leader_kill(
     defs = _definitions(participants)
     submitted: dict[str, str] = {}  # saga id -> definition key
 
+    def submit_and_open(kind: str, saga_id: str) -> None:
+        """Submit with sagactl, as a user would, and open the saga's page."""
+        page.sagactl_submit(defs[kind], saga_id)
+        submitted[saga_id] = kind
+        page.open(f"/sagas/{saga_id}")
+
     # Auth is on: no token, no data, and the page says why.
     page.open("/")
     page.wait(lambda: "token" in page.problem(), "the token request")
@@ -238,9 +244,7 @@ def test_the_saga_page_follows_sagas_live_through_a_leader_kill(
 
     # A saga submitted from sagactl, watched live: Payment takes 6 s, so the page
     # sees it running, then turns green without a reload.
-    page.sagactl_submit(defs["slow"], "web-live")
-    submitted["web-live"] = "slow"
-    page.open("/sagas/web-live")
+    submit_and_open("slow", "web-live")
     page.wait(lambda: page.vertex_states().get("Payment") == "STARTED", "Payment started")
     assert page.saga_state() == "RUNNING"
     page.shot("2-running")
@@ -250,9 +254,7 @@ def test_the_saga_page_follows_sagas_live_through_a_leader_kill(
     page.shot("3-completed")
 
     # Refused by Car: every started vertex compensated, in the timeline too.
-    page.sagactl_submit(defs["travel"], "web-nocar")
-    submitted["web-nocar"] = "travel"
-    page.open("/sagas/web-nocar")
+    submit_and_open("travel", "web-nocar")
     page.wait(lambda: page.saga_state() == "ABORTED", "the refused saga aborted")
     states = page.vertex_states()
     assert states["Payment"] == "PENDING", states
@@ -264,9 +266,7 @@ def test_the_saga_page_follows_sagas_live_through_a_leader_kill(
     page.shot("4-compensated")
 
     # Abort needs the operator role: a client's click is refused and changes nothing.
-    page.sagactl_submit(defs["slow"], "web-abort")
-    submitted["web-abort"] = "slow"
-    page.open("/sagas/web-abort")
+    submit_and_open("slow", "web-abort")
     page.wait(lambda: page.vertex_states().get("Payment") == "STARTED", "Payment started")
     page.answer_prompt("#abort", "clicked by a client")
     page.wait(lambda: "operator" in page.problem(), "Abort refused to a client")
@@ -278,9 +278,7 @@ def test_the_saga_page_follows_sagas_live_through_a_leader_kill(
     page.shot("5-aborted")
 
     # A compensation that keeps failing: STUCK, then resolved by hand from the page.
-    page.sagactl_submit(defs["stuck"], "web-stuck-nocar")
-    submitted["web-stuck-nocar"] = "stuck"
-    page.open("/sagas/web-stuck-nocar")
+    submit_and_open("stuck", "web-stuck-nocar")
     page.wait(lambda: page.vertex_states().get("Hotel") == "VERTEX_STUCK", "Hotel stuck")
     page.shot("6-stuck")
     page.answer_prompt('button.resolve[data-vertex="Hotel"]', "refunded by hand, ticket 42")
@@ -291,9 +289,7 @@ def test_the_saga_page_follows_sagas_live_through_a_leader_kill(
     # The leader dies while the page (on a follower) follows a running saga: the
     # new leader finishes it and the same page, never reloaded, turns green; then
     # the cluster table shows the dead node and the new leader.
-    page.sagactl_submit(defs["slow"], "web-across-kill")
-    submitted["web-across-kill"] = "slow"
-    page.open("/sagas/web-across-kill")
+    submit_and_open("slow", "web-across-kill")
     page.wait(lambda: page.vertex_states().get("Payment") == "STARTED", "Payment started")
     browser.execute_script("window.notReloaded = true;")
     cluster.kill(leader, signal.SIGKILL)
