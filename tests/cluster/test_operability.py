@@ -97,6 +97,14 @@ def test_a_stock_reflection_client_lists_the_services_with_a_token_only(cluster)
         # The schema itself comes through: a generic client can build a Submit.
         schema = db.FindFileContainingSymbol("saga.v1.Sagas")
         assert any(m.name == "Submit" for s in schema.service for m in s.method)
+    # Tools that try reflection v1 first (grpcurl) must get UNIMPLEMENTED, on which
+    # they fall back to v1alpha, not PERMISSION_DENIED, on which they give up.
+    with channel_to(addr) as channel:
+        v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+        replies = v1(iter([b""]), timeout=5, metadata=bearer(cluster.tokens["client"]))
+        with pytest.raises(grpc.RpcError) as v1_refused:
+            next(replies)
+        assert v1_refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_a_stopping_node_tells_its_health_watchers_it_no_longer_serves(cluster) -> None:
