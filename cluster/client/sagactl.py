@@ -52,9 +52,10 @@ def _addresses(args: argparse.Namespace) -> list[str]:
         ) from None
 
 
-def _status(
+def node_status(
     addr: str, tls: TlsFiles | None, metadata: list[tuple[str, str]], timeout_s: float = 1.0
 ) -> cluster_pb2.StatusReply | None:
+    """One node's own Status (None: unreachable or refused)."""
     try:
         with channel_to(addr, tls) as channel:
             return cluster_pb2_grpc.ClusterStub(channel).Status(
@@ -69,10 +70,10 @@ def status_table(
 ) -> Table:
     """Every node's own view, one row each; the members come from the first answer."""
     meta = metadata or []
-    first = next((r for r in (_status(a, tls, meta) for a in addrs) if r is not None), None)
+    first = next((r for r in (node_status(a, tls, meta) for a in addrs) if r is not None), None)
     if first is not None:
         addrs = [m.grpc_addr for m in first.members]
-    return views.cluster_table([(addr, _status(addr, tls, meta)) for addr in addrs])
+    return views.cluster_table([(addr, node_status(addr, tls, meta)) for addr in addrs])
 
 
 def cmd_status(args: argparse.Namespace) -> int:

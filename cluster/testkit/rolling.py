@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
+from cluster.client.sagactl import node_status
 from cluster.grpcutil import channel_to
 from cluster.localstate import STATE_FILE
 from cluster.testkit.launcher import LocalCluster, load_state
@@ -143,16 +144,6 @@ def pid_alive(pid: int) -> bool:
         return True  # cannot tell: assume it runs (starting another would clash)
 
 
-def _status(nodes: Nodes, node_id: str) -> cluster_pb2.StatusReply | None:
-    try:
-        with channel_to(nodes.grpc_addr(node_id), nodes.tls) as channel:
-            return cluster_pb2_grpc.ClusterStub(channel).Status(
-                cluster_pb2.StatusRequest(), timeout=1.0, metadata=nodes.metadata
-            )
-    except grpc.RpcError:
-        return None
-
-
 def serving(nodes: Nodes, node_id: str) -> bool:
     try:
         with channel_to(nodes.grpc_addr(node_id), nodes.tls) as channel:
@@ -166,13 +157,16 @@ def serving(nodes: Nodes, node_id: str) -> bool:
 
 def leader_of(nodes: Nodes) -> str | None:
     """The leader in office that every node answering agrees on (None: none now)."""
-    replies = [r for r in (_status(nodes, n) for n in nodes.ids()) if r is not None]
-    leaders = {r.leader_id for r in replies}
-    if len(leaders) != 1 or not replies:
+    replies = {
+        r.id: r
+        for r in (node_status(nodes.grpc_addr(n), nodes.tls, nodes.metadata) for n in nodes.ids())
+        if r is not None
+    }
+    leaders = {r.leader_id for r in replies.values()}
+    if len(leaders) != 1:
         return None
-    leader = leaders.pop()
-    reply = _status(nodes, leader) if leader else None
-    return leader if reply is not None and reply.in_office else None
+    leader = replies.get(leaders.pop())
+    return leader.id if leader is not None and leader.in_office else None
 
 
 def _until(what: str, value: Callable[[], T | None], timeout_s: float) -> T:
