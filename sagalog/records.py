@@ -1,6 +1,9 @@
-"""Constructors for log records. The proposer chooses epoch and time; apply never does."""
+"""Constructors for log records (the proposer chooses epoch and time; apply never does),
+and two readers: a saga's definition, and a record's fields for people."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from google.protobuf import json_format
 from saga.v1 import log_pb2
@@ -183,6 +186,15 @@ def completed_saga(saga_id: str, epoch: int, payload: bytes = b"{}") -> list[log
         records.append(end_t(saga_id, epoch, name, f"{name[0]}-{saga_id}".encode()))
     records.append(end_saga(saga_id, epoch, log_pb2.OUTCOME_COMPLETED))
     return records
+
+
+def definition_in(records: Iterable[log_pb2.Record]) -> log_pb2.SagaDefinition:
+    """The definition a saga's StartSaga carries (empty when there is none, e.g.
+    a purged saga)."""
+    for record in records:
+        if record.HasField("start_saga"):
+            return record.start_saga.definition
+    return log_pb2.SagaDefinition()
 
 
 def fields_of(

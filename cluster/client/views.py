@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from saga.v1 import cluster_pb2, log_pb2, sagas_pb2
 
-from sagalog.records import fields_of
+from sagalog.records import definition_in, fields_of
 
 ROLE_NAMES = {cluster_pb2.FOLLOWER: "follower", cluster_pb2.CANDIDATE: "candidate",
               cluster_pb2.LEADER: "leader"}  # fmt: skip
@@ -80,13 +80,6 @@ def saga_list_table(summaries: Iterable[sagas_pb2.SagaSummary]) -> Table:
     return table
 
 
-def definition_of(info: sagas_pb2.SagaInfo) -> log_pb2.SagaDefinition:
-    for record in info.records:
-        if record.HasField("start_saga"):
-            return record.start_saga.definition
-    return log_pb2.SagaDefinition()
-
-
 def levels(definition: log_pb2.SagaDefinition) -> list[list[str]]:
     """The vertices in columns by longest path from Start: each vertex stands right
     of every vertex it depends on (the picture in the talk, left to right)."""
@@ -110,7 +103,7 @@ def levels(definition: log_pb2.SagaDefinition) -> list[list[str]]:
 def saga_dag(info: sagas_pb2.SagaInfo) -> Group:
     """The saga's state, its DAG as columns (Start, each level, End) with every
     vertex coloured by its state, the edges listed, and its latest records."""
-    definition = definition_of(info)
+    definition = definition_in(info.records)
     states = {v.name: sagas_pb2.VertexState.Name(v.state) for v in info.vertices}
     state = sagas_pb2.SagaState.Name(info.state)
     title = Text.assemble("saga ", (info.saga_id, "bold"), f" ({info.name}) ", styled(state))

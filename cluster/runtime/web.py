@@ -28,7 +28,7 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2
 from cluster.grpcutil import channel_to
 from cluster.runtime.config import NodeConfig, is_loopback, node_tls
 from cluster.runtime.httpserver import Handler, Request, Response, Routes
-from sagalog.records import fields_of
+from sagalog.records import definition_in, fields_of
 
 log = logging.getLogger("sagacluster.web")
 
@@ -83,10 +83,7 @@ def record_json(seq: int, record: log_pb2.Record) -> dict[str, Any]:
 
 def saga_json(info: sagas_pb2.SagaInfo) -> dict[str, Any]:
     """A saga for its page: state, the DAG with each vertex's state, the records."""
-    definition = next(
-        (r.start_saga.definition for r in info.records if r.WhichOneof("body") == "start_saga"),
-        log_pb2.SagaDefinition(),
-    )
+    definition = definition_in(info.records)
     shape = {v.name: v for v in definition.vertices}
     vertices = []
     for v in info.vertices:
