@@ -96,6 +96,22 @@ def shut_down(provider: Any) -> None:
     done.join(SHUTDOWN_WAIT_S)
 
 
+def parent_context(trace_id: int, span_id: int, remote: bool) -> Any:
+    """A context whose current span is (trace_id, span_id), sampled: what a span
+    made under it names as its parent (the OpenTelemetry API must be installed)."""
+    assert otel_trace is not None
+    return otel_trace.set_span_in_context(
+        otel_trace.NonRecordingSpan(
+            otel_trace.SpanContext(
+                trace_id=trace_id,
+                span_id=span_id,
+                is_remote=remote,
+                trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED),
+            )
+        )
+    )
+
+
 @contextlib.contextmanager
 def continued_span(
     metadata: Sequence[tuple[str, Any]] | None, name: str, attributes: dict[str, Any]
@@ -110,16 +126,7 @@ def continued_span(
     if otel_trace is None or parent is None:
         yield
         return
-    context = otel_trace.set_span_in_context(
-        otel_trace.NonRecordingSpan(
-            otel_trace.SpanContext(
-                trace_id=parent[0],
-                span_id=parent[1],
-                is_remote=True,
-                trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED),
-            )
-        )
-    )
+    context = parent_context(parent[0], parent[1], remote=True)
     tracer = otel_trace.get_tracer("sagacluster.participant")
     with tracer.start_as_current_span(
         name, context=context, kind=otel_trace.SpanKind.SERVER, attributes=attributes

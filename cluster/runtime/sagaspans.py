@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from saga.v1 import participant_pb2
 
 from cluster.runtime.lifetimes import Lifetime
-from cluster.tracing import export_to, shut_down
+from cluster.tracing import export_to, parent_context, shut_down
 from coordinator import core
 from coordinator.calls import outcome_of
 from coordinator.tracecontext import call_span_id, saga_span_id, saga_trace_id
@@ -31,18 +31,6 @@ class SagaSpans:
         self._provider, self._ids = export_to(endpoint, "sagacluster", node_id)
         self._tracer = self._provider.get_tracer("sagacluster.coordinator")
         self._node_id = node_id
-
-    def _parent(self, saga_id: str) -> otel_trace.Context:
-        return otel_trace.set_span_in_context(
-            otel_trace.NonRecordingSpan(
-                otel_trace.SpanContext(
-                    trace_id=saga_trace_id(saga_id),
-                    span_id=saga_span_id(saga_id),
-                    is_remote=False,
-                    trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED),
-                )
-            )
-        )
 
     def call(
         self,
@@ -61,7 +49,9 @@ class SagaSpans:
         self._ids.choose(None, span_id)
         span = self._tracer.start_span(
             f"{kind} {request.vertex} {request.action}",
-            context=self._parent(request.saga_id),
+            context=parent_context(
+                saga_trace_id(request.saga_id), saga_span_id(request.saga_id), remote=False
+            ),
             kind=SpanKind.CLIENT,
             start_time=sent_ns,
             attributes={
