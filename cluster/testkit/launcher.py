@@ -373,9 +373,13 @@ class LocalCluster:
     def leader_id(self, timeout_s: float = 10.0) -> str:
         return self.wait_for_leader(timeout_s).id
 
-    def wait_identical(self, timeout_s: float = 20.0) -> dict[str, cluster_pb2.DigestReply]:
-        """Wait until every node reports the same store digest at the same applied
-        index (replicas identical); return the digests. TimeoutError otherwise."""
+    def wait_identical(
+        self, timeout_s: float = 20.0, nodes: list[str] | None = None
+    ) -> dict[str, cluster_pb2.DigestReply]:
+        """Wait until the nodes (default: all) report the same store digest at the
+        same applied index (replicas identical); return the digests. TimeoutError
+        otherwise."""
+        nodes = nodes or list(self.specs)
         deadline = time.monotonic() + timeout_s
         digests: dict[str, cluster_pb2.DigestReply] = {}
         while time.monotonic() < deadline:
@@ -384,11 +388,11 @@ class LocalCluster:
                     n: self.stub(n).Digest(
                         cluster_pb2.DigestRequest(), timeout=2, metadata=self.metadata
                     )
-                    for n in self.specs
+                    for n in nodes
                 }
-            except grpc.RpcError:
+            except grpc.RpcError:  # a node still starting
                 digests = {}
-            if len(digests) == len(self.specs) and (
+            if len(digests) == len(nodes) and (
                 len({(d.sha256, d.applied_index) for d in digests.values()}) == 1
             ):
                 return digests

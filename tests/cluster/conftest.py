@@ -64,21 +64,11 @@ class Harness:
     def wait_converged(self, nodes: list[str] | None = None, timeout_s: float = 20.0) -> str:
         """Wait until the nodes' digests and applied indexes agree; return the digest."""
         nodes = nodes or [n for n in self.addrs if self.cluster.alive(n)]
-        deadline = time.monotonic() + timeout_s
-        last = {}
-        while time.monotonic() < deadline:
-            try:
-                last = {n: self.client.digest(self.addrs[n], 2.0) for n in nodes}
-            except Exception:  # a node still starting
-                time.sleep(0.1)
-                continue
-            if (
-                len({d.sha256 for d in last.values()}) == 1
-                and len({d.applied_index for d in last.values()}) == 1
-            ):
-                return next(iter(last.values())).sha256
-            time.sleep(0.1)
-        raise AssertionError(f"replicas did not converge within {timeout_s}s: {last}")
+        try:
+            digests = self.cluster.wait_identical(timeout_s, nodes)
+        except TimeoutError as exc:
+            raise AssertionError(str(exc)) from exc
+        return next(iter(digests.values())).sha256
 
     def check_nothing_lost(self, nodes: list[str] | None = None) -> None:
         """Every acknowledged record is in every node's log, once and in order."""
