@@ -58,6 +58,7 @@ METHOD_ROLES = {
     _SAGAS + "Resolve": "operator",
     _CLUSTER + "Status": "client",
     _CLUSTER + "ReadIndex": "client",  # a follower asks it for a client's read
+    _CLUSTER + "ShardMap": "client",  # clients route by it
     _CLUSTER + "Digest": "operator",
     _CLUSTER + "ReadSaga": "operator",
     _CLUSTER + "Propose": "admin",

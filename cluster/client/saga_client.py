@@ -7,7 +7,9 @@
 
 Any node answers any call (followers forward writes to the leader and answer
 reads and waits themselves), so the client only needs to reach one node; it
-tries the others when one is unavailable. Submit and Run always send their own
+tries the others when one is unavailable. On a cluster of several Raft groups it
+reads the shard map from those nodes once and sends each saga's calls to the
+nodes of its group (`cluster.client.routing`). Submit and Run always send their own
 saga id, so a retry after a lost answer can never create a second saga: the
 cluster answers the retry with the saga the first try created. Waiting is pushed
 by the node (Run, Watch), never polled. `cluster.client.aio.AsyncSagaClient` has
@@ -17,15 +19,17 @@ the same methods for asyncio code.
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
-from saga.v1 import log_pb2, sagas_pb2, sagas_pb2_grpc
+from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2, sagas_pb2_grpc
 
 from cluster.auth import bearer
+from cluster.client.routing import Routes
 from cluster.grpcutil import channel_to
 from cluster.tls import TlsFiles
 
@@ -142,14 +146,44 @@ class SagaClient:
         self.retry_deadline_s = retry_deadline_s
         self._retryable = retryable_codes(retry_when_busy)
         self._metadata = bearer(token)
-        tls = client_tls(tls_ca, tls_cert, tls_key)
-        self._channels = [channel_to(a, tls) for a in self.addrs]
-        self._stubs = [sagas_pb2_grpc.SagasStub(c) for c in self._channels]
-        self._preferred = 0
+        self._tls = client_tls(tls_ca, tls_cert, tls_key)
+        self._routes = Routes(self.addrs)
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, sagas_pb2_grpc.SagasStub] = {}
 
     def close(self) -> None:
-        for channel in self._channels:
-            channel.close()
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+
+    def _stub(self, addr: str) -> sagas_pb2_grpc.SagasStub:
+        with self._lock:
+            stub = self._stubs.get(addr)
+            if stub is None:
+                channel = self._channels[addr] = channel_to(addr, self._tls)
+                stub = self._stubs[addr] = sagas_pb2_grpc.SagasStub(channel)
+            return stub
+
+    def _nodes_for(self, saga_id: str | None) -> tuple[str, ...]:
+        """The nodes to ask about a saga: its group's once the shard map is known."""
+        if saga_id is not None and self._routes.should_ask():
+            self._routes.learned(self._ask_shard_map())
+        return self._routes.nodes_for(saga_id)
+
+    def _ask_shard_map(self) -> cluster_pb2.ShardMapReply | None:
+        for addr in self.addrs:
+            self._stub(addr)  # opens the channel
+            cluster = cluster_pb2_grpc.ClusterStub(self._channels[addr])
+            try:
+                return cluster.ShardMap(
+                    cluster_pb2.ShardMapRequest(),
+                    timeout=self.call_timeout_s,
+                    metadata=self._metadata,
+                )
+            except grpc.RpcError:
+                continue
+        return None
 
     def __enter__(self) -> SagaClient:
         return self
@@ -157,18 +191,27 @@ class SagaClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _call(self, method: str, request: Any, deadline_s: float | None = None) -> Any:
-        """A unary call, retried on another node while the code allows. With
-        `deadline_s`, each attempt may last until that overall deadline."""
-        attempts = Attempts(len(self._stubs), self._preferred, deadline_s or self.retry_deadline_s)
+    def _call(
+        self,
+        method: str,
+        request: Any,
+        saga_id: str | None,
+        deadline_s: float | None = None,
+    ) -> Any:
+        """A unary call about `saga_id` (None: about no saga), retried on another
+        node of its group while the code allows. With `deadline_s`, each attempt
+        may last until that overall deadline."""
+        nodes = self._nodes_for(saga_id)
+        first = self._routes.first(nodes)
+        attempts = Attempts(len(nodes), first, deadline_s or self.retry_deadline_s)
         while True:
-            stub = self._stubs[attempts.node]
+            stub = self._stub(nodes[attempts.node])
             timeout = attempts.remaining_s() if deadline_s else self.call_timeout_s
             try:
                 reply = getattr(stub, method)(
                     request, timeout=max(timeout, 0.001), metadata=self._metadata
                 )
-                self._preferred = attempts.node
+                self._routes.answered(nodes, attempts.node)
                 return reply
             except grpc.RpcError as exc:
                 pause = attempts.again(exc.code(), self._retryable)
@@ -184,7 +227,7 @@ class SagaClient:
     ) -> str:
         """Start a saga; returns its id once StartSaga is committed."""
         request = submit_request(definition, payload, saga_id)
-        return str(self._call("Submit", request).saga_id)
+        return str(self._call("Submit", request, request.saga_id).saga_id)
 
     def run(
         self,
@@ -198,33 +241,31 @@ class SagaClient:
         `timeout_s` (the saga goes on; `run` again with its id re-attaches)."""
         request = submit_request(definition, payload, saga_id)
         try:
-            return self._call("Run", request, deadline_s=timeout_s)
+            return self._call("Run", request, request.saga_id, deadline_s=timeout_s)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise timed_out(request.saga_id, timeout_s, "did not end") from exc
             raise
 
     def get(self, saga_id: str) -> sagas_pb2.SagaInfo:
-        return self._call("Get", sagas_pb2.GetRequest(saga_id=saga_id))
+        return self._call("Get", sagas_pb2.GetRequest(saga_id=saga_id), saga_id)
 
     def list(self, state: int = 0, page_size: int = 100) -> Iterator[sagas_pb2.SagaSummary]:
         token = ""
         while True:
-            reply = self._call(
-                "List", sagas_pb2.ListRequest(state=state, page_size=page_size, page_token=token)
-            )
+            request = sagas_pb2.ListRequest(state=state, page_size=page_size, page_token=token)
+            reply = self._call("List", request, None)  # any node merges every group's page
             yield from reply.sagas
             token = reply.next_page_token
             if not token:
                 return
 
     def abort(self, saga_id: str, reason: str = "") -> None:
-        self._call("Abort", sagas_pb2.AbortRequest(saga_id=saga_id, reason=reason))
+        self._call("Abort", sagas_pb2.AbortRequest(saga_id=saga_id, reason=reason), saga_id)
 
     def resolve(self, saga_id: str, vertex: str, reason: str) -> None:
-        self._call(
-            "Resolve", sagas_pb2.ResolveRequest(saga_id=saga_id, vertex=vertex, reason=reason)
-        )
+        request = sagas_pb2.ResolveRequest(saga_id=saga_id, vertex=vertex, reason=reason)
+        self._call("Resolve", request, saga_id)
 
     def watch(
         self, saga_id: str, from_seq: int = 0, timeout_s: float | None = None
@@ -234,9 +275,10 @@ class SagaClient:
         last one delivered. With `timeout_s`, TimeoutError once that has passed."""
         seq = from_seq
         window = self.retry_deadline_s if timeout_s is None else timeout_s
-        attempts = Attempts(len(self._stubs), self._preferred, window)
+        nodes = self._nodes_for(saga_id)
+        attempts = Attempts(len(nodes), self._routes.first(nodes), window)
         while True:
-            stub = self._stubs[attempts.node]
+            stub = self._stub(nodes[attempts.node])
             request = sagas_pb2.WatchRequest(saga_id=saga_id, from_seq=seq)
             try:
                 stream = stub.Watch(

@@ -21,10 +21,10 @@ from importlib.metadata import entry_points
 import grpc
 import yaml
 from google.protobuf import json_format
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.console import Group as RichGroup
 from rich.live import Live
 from rich.progress import MofNCompleteColumn, Progress
-from rich.table import Table
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2
 
 from cluster import auth
@@ -32,6 +32,7 @@ from cluster.client import views
 from cluster.client.saga_client import SagaClient, client_tls
 from cluster.grpcutil import channel_to
 from cluster.localstate import grpc_addresses
+from cluster.shardmap import ShardMap
 from cluster.tls import TlsFiles, make_dev_certs
 
 DEFAULT_DIR = "sagacluster-data"
@@ -65,15 +66,45 @@ def node_status(
         return None
 
 
+def shard_map_of(
+    addr: str, tls: TlsFiles | None, metadata: list[tuple[str, str]]
+) -> ShardMap | None:
+    """The cluster's shard map as the node at `addr` serves it (None: unreachable)."""
+    try:
+        with channel_to(addr, tls) as channel:
+            reply = cluster_pb2_grpc.ClusterStub(channel).ShardMap(
+                cluster_pb2.ShardMapRequest(), timeout=1.0, metadata=metadata
+            )
+    except grpc.RpcError:
+        return None
+    return ShardMap.from_reply(reply)
+
+
 def status_table(
     addrs: list[str], tls: TlsFiles | None = None, metadata: list[tuple[str, str]] | None = None
-) -> Table:
-    """Every node's own view, one row each; the members come from the first answer."""
+) -> RenderableType:
+    """Every node's own view, one row each, a table per Raft group; the members
+    come from the first answer (and the groups from its shard map)."""
     meta = metadata or []
-    first = next((r for r in (node_status(a, tls, meta) for a in addrs) if r is not None), None)
-    if first is not None:
-        addrs = [m.grpc_addr for m in first.members]
-    return views.cluster_table([(addr, node_status(addr, tls, meta)) for addr in addrs])
+    first_addr, first = next(
+        ((a, r) for a, r in ((a, node_status(a, tls, meta)) for a in addrs) if r is not None),
+        (None, None),
+    )
+    several = first_addr is not None and first is not None and first.groups > 1
+    shard_map = shard_map_of(first_addr, tls, meta) if several and first_addr else None
+    if shard_map is None:
+        if first is not None:
+            addrs = [m.grpc_addr for m in first.members]
+        return views.cluster_table([(addr, node_status(addr, tls, meta)) for addr in addrs])
+    return RichGroup(
+        *(
+            views.cluster_table(
+                [(addr, node_status(addr, tls, meta)) for addr in g.nodes],
+                title=f"group {g.index} (hash {g.hash_start:#010x}-{g.hash_end - 1:#010x})",
+            )
+            for g in shard_map.groups
+        )
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -44,9 +44,11 @@ def _row(table: Table, *cells: str | Text) -> None:
     table.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in cells))
 
 
-def cluster_table(replies: Sequence[tuple[str, cluster_pb2.StatusReply | None]]) -> Table:
+def cluster_table(
+    replies: Sequence[tuple[str, cluster_pb2.StatusReply | None]], title: str = "cluster"
+) -> Table:
     """One row per node (address, its own Status or None when unreachable)."""
-    table = Table(title="cluster", title_justify="left")
+    table = Table(title=title, title_justify="left")
     for column in ("ID", "ROLE", "TERM", "EPOCH", "LEADER", "COMMIT", "APPLIED", "RAFT", "GRPC"):
         table.add_column(column, justify="right" if column in ("TERM", "EPOCH") else "left")
     for addr, r in replies:

@@ -8,6 +8,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 
+from cluster.shardmap import Group, ShardMap
 from cluster.tls import TlsFiles
 from sagalog.raft import RaftTiming
 
@@ -113,6 +114,10 @@ class NodeConfig:
     join_check_ms: int = 1000
     """How long a node with a new data directory asks its peers whether the cluster
     already knows it (a wiped node must not rejoin as if it had never voted)."""
+    shard_map: str | None = None
+    """JSON file of the cluster's Raft groups (cluster.shardmap), the same on every
+    node of every group. This node's group is the one that lists its `grpc_addr`;
+    its peers must be that group's other nodes. None: one group, this node's."""
 
     def validate(self) -> None:
         if not _ID_RE.match(self.id):
@@ -193,6 +198,25 @@ class NodeConfig:
         if self.compaction_min_entries < 100:
             raise ValueError("compaction_min_entries must be >= 100")
         self.timing.validate()
+
+
+def shard_of(config: NodeConfig) -> tuple[ShardMap, Group]:
+    """The cluster's shard map and this node's group in it (ValueError when the
+    map does not hold this node with exactly its peers)."""
+    members = [config.grpc_addr, *(p.grpc_addr for p in config.peers)]
+    if config.shard_map is None:
+        shard_map = ShardMap.single(members)
+        return shard_map, shard_map.groups[0]
+    shard_map = ShardMap.load(config.shard_map)
+    own = shard_map.group_with(config.grpc_addr)
+    if own is None:
+        raise ValueError(f"--shard-map {config.shard_map}: no group lists {config.grpc_addr}")
+    if sorted(own.nodes) != sorted(members):
+        raise ValueError(
+            f"--shard-map {config.shard_map}: group {own.index} is {sorted(own.nodes)}, but "
+            f"this node and its peers are {sorted(members)} (gRPC addresses)"
+        )
+    return shard_map, own
 
 
 def _check_addr(name: str, addr: str) -> None:
@@ -317,6 +341,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="export traces to this OpenTelemetry collector (OTLP/gRPC; the otel extra)",
     )
+    p.add_argument(
+        "--shard-map",
+        metavar="FILE",
+        help="JSON map of the cluster's Raft groups (sagactl cluster up --groups N writes one)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -359,7 +388,7 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
         values["participant_allow"] = tuple(values["participant_allow"])
     if args.ended_retention_s is not None:
         values["ended_retention_s"] = args.ended_retention_s
-    for flag in ("metrics_addr", "http_addr", "log_format", "otlp_endpoint"):
+    for flag in ("metrics_addr", "http_addr", "log_format", "otlp_endpoint", "shard_map"):
         if getattr(args, flag):
             values[flag] = getattr(args, flag)
     if args.no_coordinator:
@@ -379,6 +408,7 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
     if timing:
         config = replace(config, timing=RaftTiming(**timing))
     config.validate()
+    shard_of(config)  # a map that does not hold this node is a usage error
     return config, args.log_level
 
 

@@ -27,7 +27,8 @@ from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2, sagas_pb2_grpc
 from cluster import auth, logformat
 from cluster.grpcutil import PENDING_REQUEST_OPTIONS, SERVER_KEEPALIVE_OPTIONS, channel_to
 from cluster.runtime import identity as ident
-from cluster.runtime.config import NodeConfig, from_args, node_tls, participant_tls
+from cluster.runtime.config import NodeConfig, from_args, node_tls, participant_tls, shard_of
+from cluster.runtime.groups import GroupRouter
 from cluster.runtime.health import HealthReporter, add_health_and_reflection, serving
 from cluster.runtime.httpserver import HttpServer, Request, Response, Routes
 from cluster.runtime.lifetimes import Lifetimes
@@ -153,7 +154,10 @@ class Node:
         self._wrap_participants = wrap_participants
         self.config = config
         self.me = me
-        self.service = ClusterService(config, registry_in_store(config.data_dir))
+        self.shard_map, self.group = shard_of(config)
+        self.service = ClusterService(
+            config, registry_in_store(config.data_dir), self.shard_map, self.group
+        )
         self._callers = auth.load(config.auth_file) if config.auth_file else None
         dial = participant_tls(config)
         self._participant_credentials = dial.channel_credentials() if dial else None
@@ -347,8 +351,15 @@ class Node:
             ],
         )
         cluster_pb2_grpc.add_ClusterServicer_to_server(self.service, server)
+        router = None
+        if len(self.shard_map.groups) > 1:
+            router = GroupRouter(self.shard_map, self.group, node_tls(self.config))
         sagas = SagasService(
-            self, self.config.participant_allow, node_tls(self.config), self.metrics.refused_submit
+            self,
+            self.config.participant_allow,
+            node_tls(self.config),
+            self.metrics.refused_submit,
+            router,
         )
         sagas_pb2_grpc.add_SagasServicer_to_server(sagas, server)
         add_health_and_reflection(server, self.health)

@@ -41,8 +41,10 @@ from cluster import auth
 from cluster.grpcutil import channel_to
 from cluster.logformat import saga_fields
 from cluster.runtime import statuses
+from cluster.runtime.groups import GROUP_HOP, GroupRouter, merge_pages
 from cluster.runtime.push import AppliedFeed, Subscription
 from cluster.runtime.service import READ_INDEX_TIMEOUT_S
+from cluster.shardmap import Group
 from cluster.tls import TlsFiles
 from coordinator import core
 from coordinator.view import SagaView
@@ -181,6 +183,7 @@ class Call:
     forwarded: bool  # a follower sent it here: never forward it again
     time_remaining_s: float | None
     authorization: str | None = None  # the caller's credential, passed on when forwarding
+    group_hop: bool = False  # a node of another group sent it here: answer for this group
 
     @staticmethod
     def of(context: Any) -> Call:
@@ -189,13 +192,20 @@ class Call:
             forwarded=bool(metadata.get(FORWARDED)),
             time_remaining_s=context.time_remaining(),
             authorization=metadata.get(auth.HEADER),
+            group_hop=bool(metadata.get(GROUP_HOP)),
         )
+
+    def credential(self) -> list[tuple[str, str]]:
+        return [(auth.HEADER, self.authorization)] if self.authorization else []
+
+    def timeout_s(self) -> float:
+        remaining = self.time_remaining_s
+        return remaining if remaining is not None else WRITE_TIMEOUT_S * 2
 
     def forwarding(self) -> list[tuple[str, str]]:
         """Metadata of this call sent on to the leader: marked, with the caller's
         own credential (the leader checks the caller's role, not this node's)."""
-        extra = [(auth.HEADER, self.authorization)] if self.authorization else []
-        return [(FORWARDED, "1"), *extra]
+        return [(FORWARDED, "1"), *self.credential()]
 
 
 def _answers(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -232,8 +242,10 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         participant_allow: tuple[str, ...] = (),
         tls: TlsFiles | None = None,  # how this node dials the leader
         on_refused: Callable[[str], None] = lambda reason: None,  # admission: why
+        router: GroupRouter | None = None,  # None: the cluster has one Raft group
     ) -> None:
         self._node = node
+        self._router = router
         self._on_refused = on_refused
         self._participant_allow = participant_allow
         self._tls = tls
@@ -248,6 +260,37 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         self._admitting_lock = threading.Lock()
 
     # ---- routing ---------------------------------------------------------------------
+
+    def _foreign(self, saga_id: str, call: Call) -> Group | None:
+        """The group that holds this saga when it is not this node's (the call goes
+        there); None when it is."""
+        if self._router is None:
+            return None
+        group = self._router.foreign(saga_id)
+        if group is not None and call.group_hop:
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"saga {saga_id!r} belongs to group {group.index}, not to this node's group "
+                f"{self._router.own.index}: the nodes were given different shard maps",
+            )
+        return group
+
+    def _in_group(self, group: Group, method: str, request: Any, call: Call) -> Any:
+        """The answer of the group that holds the saga (blocking)."""
+        assert self._router is not None
+        try:
+            return self._router.forward(group, method, request, call.credential(), call.timeout_s())
+        except grpc.RpcError as exc:
+            raise Refusal(exc.code(), exc.details()) from None
+
+    async def _in_group_async(self, group: Group, method: str, request: Any, call: Call) -> Any:
+        assert self._router is not None
+        try:
+            return await self._router.aforward(
+                group, method, request, call.credential(), call.timeout_s()
+            )
+        except grpc.RpcError as exc:
+            raise Refusal(exc.code(), exc.details()) from None
 
     def _leader(self, call: Call) -> _LeaderStubs:
         leader = self._node.leader_grpc_addr()
@@ -271,12 +314,9 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         if self._node.is_leader():
             return None
         stub = self._leader(call).sagas
-        remaining = call.time_remaining_s
         try:
             return getattr(stub, method)(
-                request,
-                timeout=remaining if remaining is not None else WRITE_TIMEOUT_S * 2,
-                metadata=call.forwarding(),
+                request, timeout=call.timeout_s(), metadata=call.forwarding()
             )
         except grpc.RpcError as exc:
             raise Refusal(exc.code(), exc.details()) from None
@@ -356,9 +396,9 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
 
     def _checked(self, request: Any) -> sagas_pb2.SubmitRequest:
         """The request with its saga id (generated when empty), once valid."""
-        saga_id = request.saga_id or uuid.uuid4().hex
+        request = _with_id(request)
         for error in (
-            codec.check_saga_id(saga_id),
+            codec.check_saga_id(request.saga_id),
             check_definition(request.definition),
             _payload_error(request.payload),
         ):
@@ -371,10 +411,6 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
                     f"vertex {v.name!r}: endpoint {v.endpoint!r} is not among the participants "
                     "this cluster may call (--participant-allow)",
                 )
-        if request.saga_id != saga_id:
-            request = sagas_pb2.SubmitRequest(
-                definition=request.definition, payload=request.payload, saga_id=saga_id
-            )
         return request
 
     def admit(self) -> None:
@@ -453,15 +489,24 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
 
     async def Submit(self, request: Any, context: Any) -> sagas_pb2.SubmitReply:
         try:
+            request = _with_id(request)
+            call = Call.of(context)
+            group = self._foreign(request.saga_id, call)
+            if group is not None:
+                return await self._in_group_async(group, "Submit", request, call)
             self.admit()  # on the event loop: a refusal costs no thread hop
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, self.submit, request, Call.of(context))
+            return await loop.run_in_executor(None, self.submit, request, call)
         except Refusal as refusal:
             await context.abort(refusal.code, refusal.message)
             raise
 
     @_answers
     def Abort(self, request: Any, call: Call) -> sagas_pb2.AbortReply:
+        _check_saga_id(request.saga_id)
+        group = self._foreign(request.saga_id, call)
+        if group is not None:
+            return self._in_group(group, "Abort", request, call)
         forwarded = self._forward("Abort", request, call)
         if forwarded is not None:
             return forwarded
@@ -493,6 +538,10 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
     def Resolve(self, request: Any, call: Call) -> sagas_pb2.ResolveReply:
         if not request.reason:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "give the reason for the resolution")
+        _check_saga_id(request.saga_id)
+        group = self._foreign(request.saga_id, call)
+        if group is not None:
+            return self._in_group(group, "Resolve", request, call)
         forwarded = self._forward("Resolve", request, call)
         if forwarded is not None:
             return forwarded
@@ -548,6 +597,9 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
     @_answers
     def Get(self, request: Any, call: Call) -> sagas_pb2.SagaInfo:
         _check_saga_id(request.saga_id)
+        group = self._foreign(request.saga_id, call)
+        if group is not None:
+            return self._in_group(group, "Get", request, call)
         self._linearize(call)
         return self._info(request.saga_id)
 
@@ -556,6 +608,18 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         page_size = request.page_size or DEFAULT_PAGE_SIZE
         if page_size > MAX_PAGE_SIZE:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"page_size exceeds {MAX_PAGE_SIZE}")
+        if self._router is None or call.group_hop:
+            return self._list_group(request, page_size, call)
+        # Every group's page after the same token, merged. Each is linearizable, so
+        # the merge reflects every write acknowledged before the call began.
+        pages = [self._list_group(request, page_size, call)]
+        for group in self._router.others():
+            pages.append(self._in_group(group, "List", request, call))
+        sagas, token = merge_pages([(p.sagas, p.next_page_token) for p in pages], page_size)
+        return sagas_pb2.ListReply(sagas=sagas, next_page_token=token)
+
+    def _list_group(self, request: Any, page_size: int, call: Call) -> sagas_pb2.ListReply:
+        """A page of this group's sagas."""
         self._linearize(call)
         reply = sagas_pb2.ListReply()
         examined = 0
@@ -608,14 +672,17 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
     async def Run(self, request: Any, context: Any) -> sagas_pb2.SagaInfo:
         sub = None
         try:
+            request = _with_id(request)
+            call = Call.of(context)
+            group = self._foreign(request.saga_id, call)
+            if group is not None:
+                return await self._in_group_async(group, "Run", request, call)
             self.admit()  # on the event loop: a refusal costs no thread hop
             request = self._checked(request)
             # Subscribe before submitting: an EndSaga applied from now on is pushed.
             sub = self._subscribe(request.saga_id)
             loop = asyncio.get_running_loop()
-            ended = await loop.run_in_executor(
-                None, self._submit_for_run, request, Call.of(context)
-            )
+            ended = await loop.run_in_executor(None, self._submit_for_run, request, call)
             if ended is not None:
                 return ended
             return await self._until_ended(request.saga_id, sub)
@@ -656,8 +723,14 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         sub = None
         try:
             _check_saga_id(request.saga_id)
+            call = Call.of(context)
+            group = self._foreign(request.saga_id, call)
+            if group is not None:
+                async for event in self._watch_in_group(group, request, call):
+                    yield event
+                return
             sub = self._subscribe(request.saga_id)
-            stream = self._watch(request.saga_id, request.from_seq, sub, Call.of(context))
+            stream = self._watch(request.saga_id, request.from_seq, sub, call)
             async for event in stream:
                 yield event
         except Refusal as refusal:
@@ -665,6 +738,18 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         finally:
             if sub is not None:
                 self._unsubscribe(sub)
+
+    async def _watch_in_group(
+        self, group: Group, request: Any, call: Call
+    ) -> AsyncIterator[sagas_pb2.WatchEvent]:
+        assert self._router is not None
+        try:
+            async for event in self._router.watch(
+                group, request, call.credential(), call.time_remaining_s
+            ):
+                yield event
+        except grpc.RpcError as exc:
+            raise Refusal(exc.code(), exc.details()) from None
 
     def _read_from(
         self, saga_id: str, seq: int
@@ -741,6 +826,16 @@ def _resolved_as(view: SagaView, vertex: str, resolved_by: str) -> bool:
     return any(
         r.HasField("end_c") and r.end_c.vertex == vertex and r.end_c.resolved_by == resolved_by
         for r in view.records
+    )
+
+
+def _with_id(request: Any) -> sagas_pb2.SubmitRequest:
+    """The Submit request with a saga id: a new one when the caller gave none (the
+    id also decides the saga's Raft group)."""
+    if request.saga_id:
+        return request
+    return sagas_pb2.SubmitRequest(
+        definition=request.definition, payload=request.payload, saga_id=uuid.uuid4().hex
     )
 
 

@@ -10,7 +10,8 @@ import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2
 
 from cluster.runtime import statuses
-from cluster.runtime.config import NodeConfig
+from cluster.runtime.config import NodeConfig, shard_of
+from cluster.shardmap import Group, ShardMap
 from sagalog import codec
 from sagalog import records as rec
 from sagalog.proposer import ProposeError, Proposer
@@ -38,8 +39,18 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
     that a new node's wipe check does not wait on peers that are starting too;
     every other method answers UNAVAILABLE."""
 
-    def __init__(self, config: NodeConfig, registry: dict[str, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        registry: dict[str, bytes] | None = None,
+        shard_map: ShardMap | None = None,
+        group: Group | None = None,
+    ) -> None:
         self._config = config
+        if shard_map is None or group is None:
+            shard_map, group = shard_of(config)
+        self._shard_map = shard_map
+        self._group = group
         # What this node's own store says about registrations, for Status answers
         # before Raft is attached (a peer restarting after a full outage still
         # tells a wiped node that it is known).
@@ -78,6 +89,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 id=self._config.id,
                 role=cluster_pb2.FOLLOWER,
                 registered=self._registry_at_start,
+                group=self._group.index,
+                groups=len(self._shard_map.groups),
             )
         status = raft.status()
         leader_addr = status.leader or ""
@@ -89,6 +102,8 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             applied_index=status.applied_index,
             ready=status.ready,
             in_office=self._in_office(),
+            group=self._group.index,
+            groups=len(self._shard_map.groups),
         )
         if leader_addr == self._config.raft_addr:
             reply.leader_id, reply.leader_grpc_addr = self._config.id, self._config.grpc_addr
@@ -254,6 +269,9 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             "(none held the leader's whole log when asked, or its election failed)",
         )
         raise AssertionError("unreachable")
+
+    def ShardMap(self, request: Any, context: Any) -> cluster_pb2.ShardMapReply:
+        return self._shard_map.to_reply(self._group)
 
     def _propose(self, batch: bytes, timeout_s: float, context: Any) -> log_pb2.BatchResult:
         _, proposer = self._started(context)

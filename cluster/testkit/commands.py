@@ -2,7 +2,8 @@
 participants, and chaos runs. `sagactl` finds them through the `sagactl.commands`
 entry point (pyproject.toml), so the client never imports the test kit.
 
-sagactl cluster up [--nodes 3|5] [--dir DIR]      start a local cluster in the background
+sagactl cluster up [--nodes 3|5] [--groups N] [--dir DIR]
+                                                  start a local cluster in the background
 sagactl cluster down [--dir DIR]                  stop the local cluster's processes
 sagactl travel up|down [--dir DIR]                the four travel participants
 sagactl chaos --seed N [--duration S] [--nodes 3|5]   faults under load, then the checker
@@ -28,9 +29,13 @@ from rich.progress import Progress
 
 from cluster.client.sagactl import CONSOLE, DEFAULT_DIR, status_table
 from cluster.localstate import STATE_FILE
+from cluster.testkit.groups import ShardedCluster, group_dirs
 from cluster.testkit.launcher import LocalCluster, load_state
 from cluster.testkit.rolling import pid_alive
 from cluster.testkit.travel import TravelParticipants, travel_definition
+
+# Each group is 3 or 5 node processes on this machine.
+MAX_LOCAL_GROUPS = 8
 
 
 def add_commands(top: Any, cluster: Any) -> None:
@@ -39,6 +44,13 @@ def add_commands(top: Any, cluster: Any) -> None:
     up = cluster.add_parser("up", help="start a local cluster on loopback, in the background")
     up.add_argument("--nodes", type=int, choices=(3, 5), default=3)
     up.add_argument("--dir", default=DEFAULT_DIR, help="data and logs (default %(default)s)")
+    up.add_argument(
+        "--groups",
+        type=int,
+        default=1,
+        help="Raft groups, each with its own nodes, leader and Saga Log; sagas are spread "
+        f"over them by id (default 1, at most {MAX_LOCAL_GROUPS})",
+    )
     up.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for a leader")
     up.set_defaults(func=cmd_up)
 
@@ -87,20 +99,31 @@ def cmd_up(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-    cluster = LocalCluster(args.dir, nodes=args.nodes, http=True)
+    if not 1 <= args.groups <= MAX_LOCAL_GROUPS:
+        print(f"sagactl: --groups must be 1..{MAX_LOCAL_GROUPS}", file=sys.stderr)
+        return 2
+    cluster: LocalCluster | ShardedCluster
+    if args.groups == 1:
+        cluster = LocalCluster(args.dir, nodes=args.nodes, http=True)
+    else:
+        cluster = ShardedCluster(args.dir, args.groups, nodes=args.nodes, http=True)
+    groups = cluster.groups if isinstance(cluster, ShardedCluster) else [cluster]
     started = time.monotonic()
     cluster.start_all(detach=True)
-    try:
-        leader = cluster.wait_for_leader(timeout_s=args.timeout)
-    except TimeoutError as exc:
-        print(f"sagactl: {exc}\n{cluster.logs(20)}", file=sys.stderr)
-        return 1
-    print(
-        f"leader {leader.id} (term {leader.term}, epoch {leader.epoch}) elected in "
-        f"{time.monotonic() - started:.2f}s; data and logs in {cluster.base_dir}\n"
-    )
-    CONSOLE.print(status_table([s.grpc_addr for s in cluster.specs.values()]))
-    for spec in cluster.specs.values():
+    for i, group in enumerate(groups):
+        try:
+            leader = group.wait_for_leader(timeout_s=args.timeout)
+        except TimeoutError as exc:
+            print(f"sagactl: {exc}\n{group.logs(20)}", file=sys.stderr)
+            return 1
+        print(
+            (f"group {i}: " if len(groups) > 1 else "")
+            + f"leader {leader.id} (term {leader.term}, epoch {leader.epoch}) elected in "
+            f"{time.monotonic() - started:.2f}s"
+        )
+    print(f"data and logs in {cluster.base_dir}\n")
+    CONSOLE.print(status_table([s.grpc_addr for g in groups for s in g.specs.values()]))
+    for spec in (s for g in groups for s in g.specs.values()):
         print(
             f"{spec.id}: web page http://{spec.http_addr}/  metrics http://{spec.http_addr}/metrics"
         )
@@ -111,11 +134,12 @@ def cmd_rolling_restart(args: argparse.Namespace) -> int:
     from cluster.testkit.rolling import Detached, RollingRestartFailed, rolling_restart
 
     try:
-        order = rolling_restart(Detached(args.dir, tls=None, metadata=[]))
+        for group_dir in group_dirs(args.dir):  # one group at a time
+            order = rolling_restart(Detached(group_dir, tls=None, metadata=[]))
+            print(f"restarted {', '.join(order)}")
     except (RollingRestartFailed, FileNotFoundError, grpc.RpcError) as exc:
         print(f"sagactl: rolling restart failed: {exc}", file=sys.stderr)
         return 1
-    print(f"restarted {', '.join(order)}")
     return 0
 
 

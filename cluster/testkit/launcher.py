@@ -133,6 +133,7 @@ class LocalCluster:
         participant_tls: bool = False,
         http: bool = False,
         tls_hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+        id_prefix: str = "",
     ) -> None:
         """`auth`: an auth file with a token per role (`tokens`). `tls`: development
         certificates in `<base>/tls` (`tls_dir`; cluster.tls.make_dev_certs), every
@@ -140,7 +141,7 @@ class LocalCluster:
         the coordinator dials participants with TLS (TravelParticipants(tls_dir=...)).
         `http`: each node serves its web page and /metrics on a port of its own
         (`specs[id].http_addr`). `tls_hosts`: the names and addresses the development
-        certificates are valid for."""
+        certificates are valid for. `id_prefix`: node ids are PREFIXn1, PREFIXn2, ..."""
         if nodes not in (3, 5):
             raise ValueError(f"a local cluster has 3 or 5 nodes, not {nodes}")
         self.base_dir = os.path.abspath(base_dir)
@@ -178,8 +179,8 @@ class LocalCluster:
         self.extra_args = (*extra_args, "--test-propose") if test_propose else extra_args
         ports = free_ports(3 * nodes, host)
         self.specs = {
-            f"n{i + 1}": NodeSpec(
-                id=f"n{i + 1}",
+            f"{id_prefix}n{i + 1}": NodeSpec(
+                id=f"{id_prefix}n{i + 1}",
                 raft_addr=f"{host}:{ports[3 * i]}",
                 grpc_addr=f"{host}:{ports[3 * i + 1]}",
                 data_dir=os.path.join(self.base_dir, f"n{i + 1}"),

@@ -108,7 +108,7 @@ def test_submit_is_idempotent_and_a_different_saga_under_the_same_id_is_refused(
         client.submit(definition, b"other payload", saga_id="same-id")
     assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "same-id" in refused.value.details()
-    generated = client._call("Submit", sagas_pb2.SubmitRequest(definition=definition))
+    generated = client._call("Submit", sagas_pb2.SubmitRequest(definition=definition), None)
     assert generated.saga_id and generated.created
     client.wait_for_end("same-id", 30)
     client.wait_for_end(generated.saga_id, 30)
@@ -436,7 +436,7 @@ def test_ended_sagas_are_purged_to_tombstones_after_the_retention_period(tmp_pat
             fresh = client.submit(definition, b"p", saga_id="fresh")
             assert len(client.wait_for_end(fresh, 30).records) == 10
             again = sagas_pb2.SubmitRequest(definition=definition, payload=b"p", saga_id="old-0")
-            assert not client._call("Submit", again).created  # a retry, not a second run
+            assert not client._call("Submit", again, "old-0").created  # a retry, not a second run
             with pytest.raises(grpc.RpcError) as refused:
                 client.submit(definition, b"other", saga_id="old-0")
             assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS

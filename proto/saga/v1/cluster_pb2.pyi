@@ -36,7 +36,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("id", "role", "term", "epoch", "leader_id", "leader_grpc_addr", "commit_index", "applied_index", "members", "registered", "ready", "in_office")
+    __slots__ = ("id", "role", "term", "epoch", "leader_id", "leader_grpc_addr", "commit_index", "applied_index", "members", "registered", "ready", "in_office", "group", "groups")
     class RegisteredEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,8 @@ class StatusReply(_message.Message):
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     IN_OFFICE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: Role
     term: int
@@ -68,7 +70,9 @@ class StatusReply(_message.Message):
     registered: _containers.ScalarMap[str, bytes]
     ready: bool
     in_office: bool
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_addr: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., registered: _Optional[_Mapping[str, bytes]] = ..., ready: _Optional[bool] = ..., in_office: _Optional[bool] = ...) -> None: ...
+    group: int
+    groups: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_addr: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., registered: _Optional[_Mapping[str, bytes]] = ..., ready: _Optional[bool] = ..., in_office: _Optional[bool] = ..., group: _Optional[int] = ..., groups: _Optional[int] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("batch", "timeout_ms")
@@ -151,3 +155,27 @@ class ReadIndexReply(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     index: int
     def __init__(self, index: _Optional[int] = ...) -> None: ...
+
+class ShardMapRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardGroup(_message.Message):
+    __slots__ = ("group", "hash_start", "hash_end", "grpc_addrs")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    HASH_START_FIELD_NUMBER: _ClassVar[int]
+    HASH_END_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRS_FIELD_NUMBER: _ClassVar[int]
+    group: int
+    hash_start: int
+    hash_end: int
+    grpc_addrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group: _Optional[int] = ..., hash_start: _Optional[int] = ..., hash_end: _Optional[int] = ..., grpc_addrs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ShardMapReply(_message.Message):
+    __slots__ = ("groups", "group")
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[ShardGroup]
+    group: int
+    def __init__(self, groups: _Optional[_Iterable[_Union[ShardGroup, _Mapping]]] = ..., group: _Optional[int] = ...) -> None: ...

@@ -69,6 +69,11 @@ class ClusterStub:
                 request_serializer=saga_dot_v1_dot_cluster__pb2.TransferLeadershipRequest.SerializeToString,
                 response_deserializer=saga_dot_v1_dot_cluster__pb2.TransferLeadershipReply.FromString,
                 _registered_method=True)
+        self.ShardMap = channel.unary_unary(
+                '/saga.v1.Cluster/ShardMap',
+                request_serializer=saga_dot_v1_dot_cluster__pb2.ShardMapRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_cluster__pb2.ShardMapReply.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -135,6 +140,18 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShardMap(self, request, context):
+        """The cluster's Raft groups and which sagas each holds. A saga belongs to the
+        group whose [hash_start, hash_end) holds the first four bytes of SHA-256 of
+        its id's UTF-8 bytes, read big-endian. Clients route each saga's calls to its
+        group's nodes; a node asked about a saga of another group forwards the call
+        there (one hop), so routing saves a hop and is never needed for correctness.
+        A cluster of one group answers one group holding every saga.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +189,11 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.TransferLeadership,
                     request_deserializer=saga_dot_v1_dot_cluster__pb2.TransferLeadershipRequest.FromString,
                     response_serializer=saga_dot_v1_dot_cluster__pb2.TransferLeadershipReply.SerializeToString,
+            ),
+            'ShardMap': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShardMap,
+                    request_deserializer=saga_dot_v1_dot_cluster__pb2.ShardMapRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_cluster__pb2.ShardMapReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +385,33 @@ class Cluster:
             '/saga.v1.Cluster/TransferLeadership',
             saga_dot_v1_dot_cluster__pb2.TransferLeadershipRequest.SerializeToString,
             saga_dot_v1_dot_cluster__pb2.TransferLeadershipReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShardMap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.Cluster/ShardMap',
+            saga_dot_v1_dot_cluster__pb2.ShardMapRequest.SerializeToString,
+            saga_dot_v1_dot_cluster__pb2.ShardMapReply.FromString,
             options,
             channel_credentials,
             insecure,
