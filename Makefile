@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test test-quick demo bench bench-e2e bench-client bench-failover bench-resume bench-ended soak chaos proto clean
+.PHONY: test test-quick demo bench bench-e2e bench-client bench-groups bench-failover bench-resume bench-ended soak chaos proto clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench-e2e: $(BIN)/.installed
 bench-client: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/client.py
+
+## Sagas/s with 1, 2 and 3 Raft groups beside the direct baseline (~4 minutes).
+bench-groups: $(BIN)/.installed
+	$(BIN)/python bench/groups.py
 
 ## SIGKILL the leader with 1,000 sagas in flight, 20 times (~8 minutes).
 bench-failover: $(BIN)/.installed
