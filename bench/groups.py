@@ -60,6 +60,7 @@ from cluster.testkit.travel import TravelParticipants, travel_definition  # noqa
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LEADER_WAIT_S = 30.0
+IDLE_S = 3.0  # the cluster's own cost with no saga: heartbeats, timers, health polls
 MAX_GROUPS = 4  # each group is three node processes on this machine
 
 
@@ -99,6 +100,14 @@ class Run:
 
     def addrs(self) -> list[str]:
         return [s.grpc_addr for g in self.groups for s in g.specs.values()]
+
+    def idle_cost(self, seconds: float) -> dict[str, Any]:
+        """How busy the CPUs are, and the node processes' share, with no load."""
+        nodes = [p.pid for g in self.groups for p in g.procs.values()]
+        ticks, cpu = cpu_ticks(), sum(proc_stats(pid)[0] for pid in nodes)
+        time.sleep(seconds)
+        node_cores = (sum(proc_stats(pid)[0] for pid in nodes) - cpu) / seconds
+        return {"cpu_busy": busy_share(ticks, cpu_ticks()), "idle_node_cores": node_cores}
 
     def snapshot(self, ticks: list[tuple[int, int]]) -> Snapshot:
         t = time.perf_counter()
@@ -170,6 +179,12 @@ def print_report(rows: list[dict[str, Any]]) -> None:
     )
     for r in rows:
         num = functools.partial(_cell, r)
+        if r["c"] == 0:
+            print(
+                f"{r['round']:>5} {r['groups']:>6} idle: the CPUs {num('cpu_busy', '.0%')} busy, "
+                f"the nodes using {num('idle_node_cores', '.2f')} of a core with no saga"
+            )
+            continue
         nodes_ms = r["cpu_ms_per_saga"].get("nodes")
         print(
             f"{r['round']:>5} {r['groups'] or 'direct':>6} {r['c']:>4} "
@@ -212,6 +227,8 @@ async def measure(
             run = Run(tmp, g, parts)
             try:
                 await asyncio.to_thread(run.start)
+                idle = await asyncio.to_thread(run.idle_cost, IDLE_S)
+                rows.append({"round": k, "groups": g, "c": 0, "errors": 0, **idle})
                 for c in cs:
                     print(f"round {k}: {g} group(s), c = {c}", flush=True)
                     row = await measure_cluster(run, c, warmup_s, seconds)
