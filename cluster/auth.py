@@ -64,6 +64,8 @@ METHOD_ROLES = {
     _CLUSTER + "Propose": "admin",
     _CLUSTER + "ForgetMember": "admin",
     _CLUSTER + "TransferLeadership": "admin",
+    _CLUSTER + "AddNode": "admin",
+    _CLUSTER + "RemoveNode": "admin",
     _REFLECTION + "ServerReflectionInfo": "client",  # lists services and their schemas
     _REFLECTION_V1 + "ServerReflectionInfo": "client",
     "/grpc.health.v1.Health/Watch": "client",  # a held stream: not for anyone

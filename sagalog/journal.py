@@ -23,6 +23,11 @@ entry inside what the last fsync covered, is corruption, and cutting there would
 silently drop acknowledged entries. Recovery then raises JournalCorrupt (the
 node stops and says so) and leaves the file as it is.
 
+It also tracks the Raft configuration its entries imply (`members`): the
+membership changes among its entries, applied to `base`, the configuration as of
+its first entry (see sagalog.membership). Compaction folds the changes it
+drops into `base`; the replica sets `base` from its command line or its snapshot.
+
 Term, vote and commit index live in `<path>.meta` (JSON, replaced atomically).
 `<path>.synced` holds the byte length of the last fsync: cutting the journal back
 to it simulates a power loss, and recovery treats a bad entry before it as
@@ -50,6 +55,7 @@ from pysyncobj.journal import Journal
 from pysyncobj.pickle import to_bytes
 
 from sagalog.fsync import fsync_dir, pwrite_all, replace_durably
+from sagalog.membership import MEMBERSHIP, Change, change_in, fold
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,17 @@ ENTRY_HEADER_SIZE = _ENTRY_HEADER.size
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 Entry = tuple[bytes, int, int]
+_MEMBERSHIP_BYTE = bytes([MEMBERSHIP])
+
+
+def _change(command: bytes) -> Change | None:
+    """The membership change an entry holds; None for others, and for one that
+    cannot be read (logged: it changes nothing)."""
+    try:
+        return change_in(command)
+    except Exception:  # a malformed change entry must not stop the journal
+        logger.exception("unreadable membership entry %.40r", command)
+        return None
 
 
 class JournalCorrupt(Exception):
@@ -133,6 +150,11 @@ class DurableJournal(Journal):
         self._closed = False
         #: Bytes cut from the end of the file at open (torn or corrupt tail).
         self.cut_bytes = 0
+        #: The configuration as of the first entry (Raft address -> node).
+        self.base: dict[str, Any] = {}
+        self._changes: list[tuple[int, Change]] = []  # (index, change) of each in the log
+        #: Moves whenever `members()` may answer differently.
+        self.members_version = 0
 
         meta = self._load_meta()
         self._term: int = meta.get("currentTerm", 0)
@@ -156,6 +178,7 @@ class DurableJournal(Journal):
             self.close()
             raise
 
+        self._changes = [(idx, c) for cmd, idx, _ in self._entries if (c := _change(cmd))]
         if self._commit_index is not None and self._entries:
             last_idx = self._entries[-1][1]
             if self._commit_index > last_idx:
@@ -169,6 +192,38 @@ class DurableJournal(Journal):
                 )
                 self._commit_index = last_idx
                 self._meta_dirty = True
+
+    # ---- the configuration ------------------------------------------------------------
+
+    def members(self) -> dict[str, Any]:
+        """The latest configuration in the log, committed or not."""
+        return fold(self.base, (c for _, c in self._changes))
+
+    def set_base(self, base: dict[str, Any]) -> None:
+        self.base = dict(base)
+        self.members_version += 1
+
+    def changes_after(self, idx: int) -> list[tuple[int, Change]]:
+        """The membership changes at indexes above `idx`, in log order."""
+        return [(i, c) for i, c in self._changes if i > idx]
+
+    def members_through(self, idx: int) -> dict[str, Any]:
+        """The configuration as of entry `idx` (what a snapshot there records)."""
+        return fold(self.base, (c for i, c in self._changes if i <= idx))
+
+    def _forget_changes_from(self, idx: int) -> None:
+        kept = [(i, c) for i, c in self._changes if i < idx]
+        if len(kept) != len(self._changes):
+            self._changes = kept
+            self.members_version += 1
+
+    def _fold_changes_before(self, idx: int) -> None:
+        """Compaction drops the entries before `idx`: their changes move into `base`."""
+        folded = [c for i, c in self._changes if i < idx]
+        if folded:
+            self.base = fold(self.base, folded)
+            self._changes = [(i, c) for i, c in self._changes if i >= idx]
+            self.members_version += 1
 
     # ---- open and recovery ------------------------------------------------------------
 
@@ -407,10 +462,18 @@ class DurableJournal(Journal):
         self._offsets.append(self._end)
         self._end += len(frame)
         self._dirty = True
+        if cmd[:1] == _MEMBERSHIP_BYTE:
+            change = _change(cmd)
+            if change is not None:
+                self._changes.append((idx, change))
+                self.members_version += 1
 
     @_stop_on_io_error
     def clear(self) -> None:
-        """Drop every entry, durably (pysyncobj re-adds the snapshot's two entries next)."""
+        """Drop every entry, durably (pysyncobj re-adds the snapshot's two entries next;
+        the replica then sets `base` from the snapshot)."""
+        if self._entries:
+            self._fold_changes_before(self._entries[-1][1] + 1)
         self._rewrite([])
 
     @_stop_on_io_error
@@ -423,6 +486,7 @@ class DurableJournal(Journal):
         start = slice(entryFrom, None).indices(len(self._entries))[0]
         if start >= len(self._entries):
             return
+        self._forget_changes_from(self._entries[start][1])
         self._end = self._offsets[start]
         del self._entries[start:]
         del self._offsets[start:]
@@ -445,6 +509,10 @@ class DurableJournal(Journal):
         if start == 0:
             return
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        if start < len(self._entries):
+            self._fold_changes_before(self._entries[start][1])
+        else:
+            self._fold_changes_before(self._entries[-1][1] + 1)
         self._rewrite(self._entries[start:])
 
     def align_to_snapshot(self, prev_entry: Sequence[Any], last_entry: Sequence[Any]) -> bool:

@@ -13,6 +13,10 @@ from cluster.tls import TlsFiles
 from sagalog.raft import RaftTiming
 
 DEFAULT_GRPC_WORKERS = 64
+# Members of one Raft group: a cluster starts with 3 or 5 and membership changes
+# keep it within these (fewer than 3 survive no failure; more slow every commit).
+MIN_MEMBERS = 3
+MAX_MEMBERS = 7
 LOG_FORMATS = ("text", "json")
 
 _ADDR_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
@@ -48,7 +52,12 @@ class NodeConfig:
     data_dir: str
     """Directory of this node's journal, snapshot and RocksDB store. Created if absent."""
     peers: tuple[Peer, ...] = ()
-    """Every other node of the cluster (2 or 4 of them)."""
+    """Every other node of the cluster (2 or 4 of them), or with `join` the current
+    members. Only where this node's log and snapshot say nothing yet: after a
+    membership change they hold the configuration (sagalog.membership)."""
+    join: bool = False
+    """Join a running cluster whose members are `peers`: receive its log without
+    voting until Cluster.AddNode adds this node."""
     raft_password: str | None = None
     """Shared secret: pysyncobj encrypts and authenticates Raft traffic with it.
     Without it Raft messages are pickles that anyone reaching the port can forge,
@@ -120,10 +129,7 @@ class NodeConfig:
     its peers must be that group's other nodes. None: one group, this node's."""
 
     def validate(self) -> None:
-        if not _ID_RE.match(self.id):
-            raise ValueError(f"--id {self.id!r}: use 1-64 letters, digits, _ or -")
-        for name, addr in [("--raft-addr", self.raft_addr), ("--grpc-addr", self.grpc_addr)]:
-            _check_addr(name, addr)
+        check_node(self.id, self.raft_addr, self.grpc_addr)
         for name, optional in [
             ("--metrics-addr", self.metrics_addr),
             ("--http-addr", self.http_addr),
@@ -146,7 +152,12 @@ class NodeConfig:
                 raise ValueError(f"--peer id {peer.id!r}: use 1-64 letters, digits, _ or -")
             _check_addr(f"--peer {peer.id} raft", peer.raft_addr)
             _check_addr(f"--peer {peer.id} grpc", peer.grpc_addr)
-        if len(self.peers) not in (2, 4):
+        if self.join and not MIN_MEMBERS <= len(self.peers) < MAX_MEMBERS:
+            raise ValueError(
+                f"--join: give the {MIN_MEMBERS} to {MAX_MEMBERS - 1} current members as "
+                f"--peer, got {len(self.peers)}"
+            )
+        if not self.join and len(self.peers) not in (2, 4):
             raise ValueError(
                 f"a cluster has 3 or 5 nodes: give 2 or 4 --peer, got {len(self.peers)}"
             )
@@ -208,15 +219,26 @@ def shard_of(config: NodeConfig) -> tuple[ShardMap, Group]:
         shard_map = ShardMap.single(members)
         return shard_map, shard_map.groups[0]
     shard_map = ShardMap.load(config.shard_map)
-    own = shard_map.group_with(config.grpc_addr)
+    # A joining node is not in the map (written when the cluster was created): its
+    # group is its peers'.
+    candidates = members if config.join else [config.grpc_addr]
+    own = next((g for a in candidates if (g := shard_map.group_with(a)) is not None), None)
     if own is None:
-        raise ValueError(f"--shard-map {config.shard_map}: no group lists {config.grpc_addr}")
-    if sorted(own.nodes) != sorted(members):
+        raise ValueError(f"--shard-map {config.shard_map}: no group lists {candidates[0]}")
+    if not config.join and sorted(own.nodes) != sorted(members):
         raise ValueError(
             f"--shard-map {config.shard_map}: group {own.index} is {sorted(own.nodes)}, but "
             f"this node and its peers are {sorted(members)} (gRPC addresses)"
         )
     return shard_map, own
+
+
+def check_node(node_id: str, raft_addr: str, grpc_addr: str) -> None:
+    """ValueError unless these name a node: its id and its two HOST:PORTs."""
+    if not _ID_RE.match(node_id):
+        raise ValueError(f"--id {node_id!r}: use 1-64 letters, digits, _ or -")
+    for name, addr in [("--raft-addr", raft_addr), ("--grpc-addr", grpc_addr)]:
+        _check_addr(name, addr)
 
 
 def _check_addr(name: str, addr: str) -> None:
@@ -280,6 +302,12 @@ def parser() -> argparse.ArgumentParser:
         "--insecure-raft",
         action="store_true",
         help="run Raft unauthenticated; accepted only when every Raft address is loopback",
+    )
+    p.add_argument(
+        "--join",
+        action="store_true",
+        help="join a running cluster (--peer: its current members); vote once "
+        "`sagactl cluster add-node` has added this node",
     )
     p.add_argument("--fault-file", metavar="FILE", help="testing aid: Raft link faults (JSON)")
     p.add_argument(
@@ -371,6 +399,8 @@ def from_args(argv: list[str] | None = None) -> tuple[NodeConfig, str]:
         values["peers"] = tuple(Peer.parse(p) for p in args.peer)
     if args.fault_file:
         values["fault_file"] = args.fault_file
+    if args.join:
+        values["join"] = True
     if args.test_propose:
         values["test_propose"] = True
     if args.auth_file:

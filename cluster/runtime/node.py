@@ -47,6 +47,7 @@ from sagalog import codec
 from sagalog import records as rec
 from sagalog.journal import JournalCorrupt
 from sagalog.log import LOG_FORMAT, SagaLog
+from sagalog.membership import raft_node
 from sagalog.proposer import ProposeError, Proposer
 from sagalog.raft import EXIT_STORAGE_FAILURE, SagaLogRaft, fail_stop, leader_address
 from sagalog.raft.status import ROLE_NAMES
@@ -195,7 +196,6 @@ class Node:
         self.standby: Standby | None = Standby() if self.config.coordinator else None
         self._listener_lock = threading.Lock()
         self.retention: Retention | None = None
-        self._peer_by_raft_addr = {p.raft_addr: p for p in config.peers}
 
     @staticmethod
     def _export_spans(config: NodeConfig) -> SagaSpans | None:
@@ -211,14 +211,16 @@ class Node:
         return SagaSpans(config.id, config.otlp_endpoint)
 
     def start_raft(self) -> None:
+        config = self.config
         raft = SagaLogRaft(
-            self.config.raft_addr,
-            [p.raft_addr for p in self.config.peers],
-            self.config.data_dir,
-            self.config.timing,
-            password=self.config.raft_password,
-            compaction_min_entries=self.config.compaction_min_entries,
-            fault_file=self.config.fault_file,
+            raft_node(config.raft_addr, config.id, config.grpc_addr),
+            [raft_node(p.raft_addr, p.id, p.grpc_addr) for p in config.peers],
+            config.data_dir,
+            config.timing,
+            password=config.raft_password,
+            compaction_min_entries=config.compaction_min_entries,
+            fault_file=config.fault_file,
+            joining=config.join,
         )
         # The push hooks first, then publish the node's Raft: a Watch can only
         # subscribe once it is published, and then misses no applied record.
@@ -275,13 +277,14 @@ class Node:
             return None
         if leader == self.config.raft_addr:
             return self.config.grpc_addr
-        peer = self._peer_by_raft_addr.get(leader)
-        return peer.grpc_addr if peer is not None else None
+        return self.service.member_at(leader)[1] or None
 
     def can_serve(self) -> bool:
         """What gRPC health reports for the Sagas service (cluster.runtime.health)."""
         raft = self.raft
-        return serving(raft.status() if raft is not None else None, self.in_office())
+        if raft is None or not raft.is_member():
+            return False  # starting, joining, or removed from the cluster
+        return serving(raft.status(), self.in_office())
 
     def metrics_state(self) -> NodeState | None:
         """The node's state for a scrape (None until Raft starts)."""

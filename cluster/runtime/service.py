@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,13 +11,16 @@ import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc, log_pb2
 
 from cluster.runtime import statuses
-from cluster.runtime.config import NodeConfig, shard_of
+from cluster.runtime.config import MAX_MEMBERS, MIN_MEMBERS, NodeConfig, check_node, shard_of
 from cluster.shardmap import Group, ShardMap
 from sagalog import codec
 from sagalog import records as rec
+from sagalog.membership import ADD, REMOVE, names, raft_node
 from sagalog.proposer import ProposeError, Proposer
-from sagalog.raft import SagaLogRaft, role_of
+from sagalog.raft import MembershipRefused, SagaLogRaft, role_of
 from sagalog.readindex import ReadRefused
+
+log = logging.getLogger("sagacluster.cluster")
 
 MAX_PROPOSE_TIMEOUT_MS = 60_000
 DEFAULT_TRANSFER_TIMEOUT_MS = 5_000
@@ -25,6 +29,10 @@ TRANSFER_RESEND_S = 0.5
 # A leader confirms its leadership within a heartbeat round (milliseconds); one
 # that cannot within this is cut off or deposed, and the reader tries elsewhere.
 READ_INDEX_TIMEOUT_S = 2.0
+DEFAULT_ADD_TIMEOUT_MS = 60_000
+MAX_ADD_TIMEOUT_MS = 600_000  # a new node may need a large snapshot first
+DEFAULT_REMOVE_TIMEOUT_MS = 10_000
+MEMBERSHIP_POLL_S = 0.02
 
 _ROLES = {0: cluster_pb2.FOLLOWER, 1: cluster_pb2.CANDIDATE, 2: cluster_pb2.LEADER}
 
@@ -55,7 +63,6 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         # before Raft is attached (a peer restarting after a full outage still
         # tells a wiped node that it is known).
         self._registry_at_start = registry or {}
-        self._by_raft_addr = {p.raft_addr: p for p in config.peers}
         self._raft: SagaLogRaft | None = None
         self._proposer: Proposer | None = None
         self._in_office: Callable[[], bool] = lambda: False
@@ -105,30 +112,54 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             group=self._group.index,
             groups=len(self._shard_map.groups),
         )
-        if leader_addr == self._config.raft_addr:
-            reply.leader_id, reply.leader_grpc_addr = self._config.id, self._config.grpc_addr
-        elif leader_addr in self._by_raft_addr:
-            peer = self._by_raft_addr[leader_addr]
-            reply.leader_id, reply.leader_grpc_addr = peer.id, peer.grpc_addr
-        reply.members.add(
-            id=self._config.id,
-            raft_addr=self._config.raft_addr,
-            grpc_addr=self._config.grpc_addr,
-            connected=True,
-        )
-        connected = {n.id for n in raft.otherNodes if raft.isNodeConnected(n)}
-        for peer in self._config.peers:
+        if leader_addr:
+            reply.leader_id, reply.leader_grpc_addr = self.member_at(leader_addr)
+        reply.member = raft.is_member()
+        if not reply.member:  # joining or removed: it still says who it is
             reply.members.add(
-                id=peer.id,
-                raft_addr=peer.raft_addr,
-                grpc_addr=peer.grpc_addr,
-                connected=peer.raft_addr in connected,
+                id=self._config.id,
+                raft_addr=self._config.raft_addr,
+                grpc_addr=self._config.grpc_addr,
+                connected=True,
             )
+        reply.members.extend(self._members(raft))
         with raft.reading() as log:
             reply.epoch = log.epoch().number
             for node_id, incarnation in log.members().items():
                 reply.registered[node_id] = incarnation
         return reply
+
+    def member_at(self, raft_addr: str) -> tuple[str, str]:
+        """(node id, gRPC address) of the node at `raft_addr`, as the configuration
+        names it (this node's command line before Raft starts); empty if unknown."""
+        if raft_addr == self._config.raft_addr:
+            return self._config.id, self._config.grpc_addr
+        raft = self._raft
+        node = raft.members().get(raft_addr) if raft is not None else None
+        if node is not None and names(node)[0]:
+            return names(node)
+        peer = next((p for p in self._config.peers if p.raft_addr == raft_addr), None)
+        return (peer.id, peer.grpc_addr) if peer is not None else ("", "")
+
+    def _members(self, raft: SagaLogRaft) -> list[cluster_pb2.NodeInfo]:
+        """The configuration this node uses, in id order."""
+        connected = {n.id for n in raft.otherNodes if raft.isNodeConnected(n)}
+        infos = []
+        for address in raft.members():
+            node_id, grpc_addr = self.member_at(address)
+            infos.append(
+                cluster_pb2.NodeInfo(
+                    id=node_id,
+                    raft_addr=address,
+                    grpc_addr=grpc_addr,
+                    connected=address == self._config.raft_addr or address in connected,
+                )
+            )
+        return sorted(infos, key=lambda i: i.id)
+
+    def _member_named(self, raft: SagaLogRaft, node_id: str) -> str | None:
+        """The Raft address of the member with this id."""
+        return next((a for a in raft.members() if self.member_at(a)[0] == node_id), None)
 
     def Propose(self, request: Any, context: Any) -> cluster_pb2.ProposeReply:
         if not self._config.test_propose:
@@ -199,9 +230,9 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         if request.node_id == self._config.id:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a node cannot forget itself")
         raft, _ = self._started(context)
-        peer = next((p for p in self._config.peers if p.id == request.node_id), None)
+        address = self._member_named(raft, request.node_id)
         connected = {n.id for n in raft.otherNodes if raft.isNodeConnected(n)}
-        if peer is not None and peer.raft_addr in connected:
+        if address is not None and address in connected:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"node {request.node_id} is connected: forget only a node that is stopped "
@@ -228,13 +259,11 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             )
         target = None
         if request.to_node_id:
-            peer = next((p for p in self._config.peers if p.id == request.to_node_id), None)
             if request.to_node_id == self._config.id:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "this node already leads")
-            if peer is None:
+            target = self._member_named(raft, request.to_node_id)
+            if target is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no node {request.to_node_id!r}")
-            assert peer is not None
-            target = peer.raft_addr
         # Leave office first: the coordinator stops and no new saga is admitted, so
         # the target stays caught up and two coordinators never act at once.
         if not self._hand_over(True):
@@ -259,9 +288,9 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             time.sleep(TRANSFER_POLL_S)
             status = raft.status()
             if status.leader is not None and status.leader != self._config.raft_addr:
-                peer = self._by_raft_addr.get(status.leader)
                 return cluster_pb2.TransferLeadershipReply(
-                    leader_id=peer.id if peer is not None else status.leader, term=status.term
+                    leader_id=self.member_at(status.leader)[0] or status.leader,
+                    term=status.term,
                 )
         context.abort(
             grpc.StatusCode.UNAVAILABLE,
@@ -269,6 +298,122 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             "(none held the leader's whole log when asked, or its election failed)",
         )
         raise AssertionError("unreachable")
+
+    # ---- membership ------------------------------------------------------------------
+
+    def _leader_for_change(self, context: Any) -> SagaLogRaft:
+        raft, _ = self._started(context)
+        if raft_role(raft) != cluster_pb2.LEADER:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"node {self._config.id} is not the leader; ask the leader",
+            )
+        if raft.change_pending():
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "another membership change is not committed yet; one change at a time",
+            )
+        return raft
+
+    def AddNode(self, request: Any, context: Any) -> cluster_pb2.MembershipReply:
+        timeout_s = _timeout_s(request.timeout_ms, DEFAULT_ADD_TIMEOUT_MS, MAX_ADD_TIMEOUT_MS)
+        if timeout_s is None:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"timeout_ms exceeds {MAX_ADD_TIMEOUT_MS}"
+            )
+        assert timeout_s is not None
+        problem = _new_node_problem(request)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        raft, _ = self._started(context)
+        members = raft.members()
+        wanted = (request.node_id, request.grpc_addr)
+        if request.raft_addr in members and self.member_at(request.raft_addr) == wanted:
+            return cluster_pb2.MembershipReply(members=self._members(raft))  # a retry
+        for address in members:
+            node_id, grpc_addr = self.member_at(address)
+            if request.raft_addr == address or (request.node_id, request.grpc_addr) in (
+                (node_id, request.grpc_addr),
+                (request.node_id, grpc_addr),
+            ):
+                context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"member {node_id} ({address}, {grpc_addr}) has this id or an address",
+                )
+        raft = self._leader_for_change(context)
+        if len(members) >= MAX_MEMBERS:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"a group has at most {MAX_MEMBERS} members"
+            )
+        node = raft_node(request.raft_addr, request.node_id, request.grpc_addr)
+        deadline = time.monotonic() + timeout_s
+        target = raft.raftCommitIndex
+        raft.add_learner(node)
+        try:
+            # A learner first: it gets the log (a snapshot when compacted) and counts
+            # toward no majority, so a slow catch-up never stalls commits.
+            while (raft.learner_match(node.id) or 0) < target:
+                if raft_role(raft) != cluster_pb2.LEADER:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "leadership moved; ask the leader")
+                if time.monotonic() > deadline:
+                    context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"node {request.node_id} did not catch up to entry {target} within "
+                        f"{timeout_s:.0f} s (is it running with --join, reachable at "
+                        f"{request.raft_addr}, with the same Raft password?)",
+                    )
+                time.sleep(MEMBERSHIP_POLL_S)
+            self._change(raft, ADD, node, deadline, context)
+        finally:
+            raft.drop_learner(node.id)  # a no-op once it is a member
+        log.info("node %s (%s) added to the configuration", request.node_id, request.raft_addr)
+        return cluster_pb2.MembershipReply(members=self._members(raft))
+
+    def RemoveNode(self, request: Any, context: Any) -> cluster_pb2.MembershipReply:
+        timeout_s = _timeout_s(
+            request.timeout_ms, DEFAULT_REMOVE_TIMEOUT_MS, MAX_PROPOSE_TIMEOUT_MS
+        )
+        if timeout_s is None:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"timeout_ms exceeds {MAX_PROPOSE_TIMEOUT_MS}"
+            )
+        assert timeout_s is not None
+        raft, _ = self._started(context)
+        address = self._member_named(raft, request.node_id)
+        if address is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no member {request.node_id!r}")
+        assert address is not None
+        if request.node_id == self._config.id:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "the leader cannot remove itself: transfer leadership first",
+            )
+        raft = self._leader_for_change(context)
+        if len(raft.members()) <= MIN_MEMBERS:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"a group keeps at least {MIN_MEMBERS} members: add one before removing one",
+            )
+        deadline = time.monotonic() + timeout_s
+        self._change(raft, REMOVE, raft.members()[address], deadline, context)
+        # Its registration goes too: the id may come back with a new data directory.
+        batch = codec.encode_batch([rec.forget_member(request.node_id)])
+        self._propose(batch, max(0.001, deadline - time.monotonic()), context)
+        log.info("node %s (%s) removed from the configuration", request.node_id, address)
+        return cluster_pb2.MembershipReply(members=self._members(raft))
+
+    def _change(
+        self, raft: SagaLogRaft, kind: str, node: Any, deadline: float, context: Any
+    ) -> None:
+        try:
+            raft.change_membership(kind, node, max(0.001, deadline - time.monotonic()))
+        except MembershipRefused as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"refused: {exc}")
+        except TimeoutError as exc:
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{exc}; it may still commit: read the members in Cluster.Status",
+            )
 
     def ShardMap(self, request: Any, context: Any) -> cluster_pb2.ShardMapReply:
         return self._shard_map.to_reply(self._group)
@@ -280,3 +425,18 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
         except ProposeError as exc:
             context.abort(statuses.propose_failed(exc.code), str(exc))
             raise  # unreachable: abort raises
+
+
+def _timeout_s(timeout_ms: int, default_ms: int, max_ms: int) -> float | None:
+    """The call's timeout in seconds; None when it exceeds `max_ms`."""
+    timeout_ms = timeout_ms or default_ms
+    return None if timeout_ms > max_ms else timeout_ms / 1000
+
+
+def _new_node_problem(request: Any) -> str:
+    """Why an AddNode request cannot name a node ("" when it can)."""
+    try:
+        check_node(request.node_id, request.raft_addr, request.grpc_addr)
+    except ValueError as exc:
+        return str(exc)
+    return ""

@@ -112,6 +112,8 @@ class NodeSpec:
     pid: int = 0
     http_addr: str = ""  # the web page and /metrics ("": not served)
     command: list[str] = field(default_factory=list)  # as last started (rolling restarts)
+    peers: list[str] = field(default_factory=list)  # ids on its command line (empty: the rest)
+    join: bool = False  # started with --join (added by Cluster.AddNode)
 
 
 class LocalCluster:
@@ -177,6 +179,8 @@ class LocalCluster:
                 extra_args = (*extra_args, "--participant-tls-ca", ca)
         # Tests and benches that append raw records turn on Cluster.Propose.
         self.extra_args = (*extra_args, "--test-propose") if test_propose else extra_args
+        self.host = host
+        self.http = http
         ports = free_ports(3 * nodes, host)
         self.specs = {
             f"{id_prefix}n{i + 1}": NodeSpec(
@@ -196,6 +200,8 @@ class LocalCluster:
             if link_faults
             else {}
         )
+        # The nodes that vote: the first ones, then as add_node and remove_node change it.
+        self.members: list[str] = list(self.specs)
         self.procs: dict[str, subprocess.Popen] = {}
         self._channels: dict[str, grpc.Channel] = {}
         # Channels replaced after a timeout: other threads may still have calls on
@@ -218,9 +224,11 @@ class LocalCluster:
             "--data-dir",
             spec.data_dir,
         ]
-        for other in self.specs.values():
-            if other.id != node_id:
-                cmd += ["--peer", f"{other.id}={other.raft_addr},{other.grpc_addr}"]
+        for peer in spec.peers or [n for n in self.specs if n != node_id]:
+            other = self.specs[peer]
+            cmd += ["--peer", f"{other.id}={other.raft_addr},{other.grpc_addr}"]
+        if spec.join:
+            cmd += ["--join"]
         cmd += ["--raft-password-file", self.password_file]
         if spec.http_addr:
             cmd += ["--http-addr", spec.http_addr, "--metrics-addr", spec.http_addr]
@@ -276,6 +284,69 @@ class LocalCluster:
             raise
         finally:
             self.stop_all()
+
+    # ---- membership ------------------------------------------------------------------
+
+    def add_node(self, node_id: str, timeout_s: float = 60.0) -> cluster_pb2.MembershipReply:
+        """Start a new node that joins the current members, and add it through the
+        leader (Cluster.AddNode: it catches up as a learner first)."""
+        if node_id in self.specs:
+            raise ValueError(f"node {node_id} exists already")
+        raft, grpc_, http = free_ports(3, self.host)
+        self.specs[node_id] = NodeSpec(
+            id=node_id,
+            raft_addr=f"{self.host}:{raft}",
+            grpc_addr=f"{self.host}:{grpc_}",
+            data_dir=os.path.join(self.base_dir, node_id),
+            log_path=os.path.join(self.base_dir, f"{node_id}.log"),
+            http_addr=f"{self.host}:{http}" if self.http else "",
+            peers=list(self.members),
+            join=True,
+        )
+        self.start(node_id)
+        spec = self.specs[node_id]
+        request = cluster_pb2.AddNodeRequest(
+            node_id=node_id,
+            raft_addr=spec.raft_addr,
+            grpc_addr=spec.grpc_addr,
+            timeout_ms=int(timeout_s * 1000),
+        )
+        reply = self._on_leader("AddNode", request, timeout_s + 5)
+        self.members.append(node_id)
+        return reply
+
+    def remove_node(self, node_id: str, timeout_s: float = 10.0) -> cluster_pb2.MembershipReply:
+        """Remove a member through the leader (handing leadership over first when
+        it is the one to go), then stop its process."""
+        leader = self.wait_for_leader(timeout_s).id
+        if leader == node_id:
+            request = cluster_pb2.TransferLeadershipRequest(timeout_ms=int(timeout_s * 1000))
+            self.stub(leader).TransferLeadership(
+                request, timeout=timeout_s + 5, metadata=self.metadata
+            )
+        request = cluster_pb2.RemoveNodeRequest(node_id=node_id, timeout_ms=int(timeout_s * 1000))
+        reply = self._on_leader("RemoveNode", request, timeout_s + 5)
+        self.members.remove(node_id)
+        self.kill(node_id, signal.SIGTERM)
+        return reply
+
+    def _on_leader(self, method: str, request: object, timeout_s: float) -> object:
+        """A Cluster call on the leader, asked again where leadership moved."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            leader = self.wait_for_leader(max(1.0, deadline - time.monotonic())).id
+            try:
+                return getattr(self.stub(leader), method)(
+                    request, timeout=max(1.0, deadline - time.monotonic()), metadata=self.metadata
+                )
+            except grpc.RpcError as exc:
+                moved = exc.code() == grpc.StatusCode.UNAVAILABLE or (
+                    exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    and "not the leader" in (exc.details() or "")
+                )
+                if not moved or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
 
     def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.get(node_id)
@@ -354,7 +425,7 @@ class LocalCluster:
     ) -> cluster_pb2.StatusReply:
         """Poll until every live node in `among` agrees on one leader and term, and
         that leader has committed its epoch. Returns the leader's status."""
-        nodes = among if among is not None else [n for n in self.specs if self.alive(n)]
+        nodes = among if among is not None else [n for n in self.members if self.alive(n)]
         deadline = time.monotonic() + timeout_s
         last: list = []
         while time.monotonic() < deadline:
@@ -380,7 +451,7 @@ class LocalCluster:
         """Wait until the nodes (default: all) report the same store digest at the
         same applied index (replicas identical); return the digests. TimeoutError
         otherwise."""
-        nodes = nodes or list(self.specs)
+        nodes = nodes or list(self.members)
         deadline = time.monotonic() + timeout_s
         digests: dict[str, cluster_pb2.DigestReply] = {}
         while time.monotonic() < deadline:

@@ -49,7 +49,13 @@ from pysyncobj.monotonic import monotonic as raft_clock  # not time.monotonic's 
 
 from sagalog.raft.linkfaults import LinkFaults
 from sagalog.raft.matching import align_append_entries, stale_suffix
-from sagalog.raft.replica import EXIT_STORAGE_FAILURE, SagaLogRaft, durable_journal, fail_stop
+from sagalog.raft.replica import (
+    EXIT_STORAGE_FAILURE,
+    MembershipRefused,
+    SagaLogRaft,
+    durable_journal,
+    fail_stop,
+)
 from sagalog.raft.status import RaftStatus, leader_address, raft_status, role_of
 from sagalog.raft.timing import RaftTiming, raft_conf
 from sagalog.raft.transport import SyncingTransport
@@ -57,6 +63,7 @@ from sagalog.raft.transport import SyncingTransport
 __all__ = [
     "EXIT_STORAGE_FAILURE",
     "LinkFaults",
+    "MembershipRefused",
     "RaftStatus",
     "RaftTiming",
     "SagaLogRaft",

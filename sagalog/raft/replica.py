@@ -12,19 +12,21 @@ import shutil
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import pysyncobj.syncobj as pso_syncobj
-from pysyncobj import SyncObj, replicated
+from pysyncobj import FAIL_REASON, SyncObj, replicated
 from pysyncobj.monotonic import monotonic as raft_clock  # not time.monotonic's clock
+from pysyncobj.node import TCPNode
 
 from sagalog.framecipher import EncryptedFrames, FrameCipher
 from sagalog.fsync import fsync_dir, fsync_file, fsync_tree
 from sagalog.journal import DurableJournal
 from sagalog.kv import StoreError
 from sagalog.log import LogFormatTooNew, SagaLog
+from sagalog.membership import ADD, REMOVE, raft_node
 from sagalog.raft.matching import align_append_entries, stale_suffix
 from sagalog.raft.status import ROLE_NAMES, RaftStatus, raft_status
 from sagalog.raft.timing import RaftTiming, raft_conf
@@ -80,8 +82,8 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
 
     def __init__(
         self,
-        self_addr: str,
-        peer_addrs: list[str],
+        self_addr: str | TCPNode,
+        peer_addrs: Sequence[str | TCPNode],
         data_dir: str,
         timing: RaftTiming,
         password: str | None = None,
@@ -89,8 +91,17 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         on_state_changed: Callable[[int, int], None] | None = None,
         fault_file: str | None = None,
         auto_tick: bool = True,  # False: the caller drives `doTick` (tests)
+        joining: bool = False,
     ) -> None:
+        """`self_addr` and `peer_addrs`: Raft addresses, or nodes carrying their names
+        (sagalog.membership.raft_node). The peers are the configuration this node
+        starts from when its log does not say otherwise: the first members, or,
+        `joining`, the members of the cluster it joins without being one (it
+        receives the log from the leader, votes and campaigns only once an entry
+        adding it is in its log: Cluster.AddNode)."""
         timing.validate()
+        self_node = _as_node(self_addr)
+        peers = [_as_node(p) for p in peer_addrs]
         self.data_dir = data_dir
         self._fault_file = fault_file
         self._auto_tick = auto_tick
@@ -105,6 +116,16 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         self._kv = RocksKV(self._path("db"))
         self.saga_log = SagaLog(self._kv)
         self._journal = DurableJournal(self._path("journal"))
+        start = {p.id: p for p in peers}
+        if not joining:
+            start[self_node.id] = self_node
+        self._journal.set_base(start)  # a snapshot, once loaded, says better
+        self._self_node = self_node
+        self._members = self._journal.members()  # replaced whole: read by other threads
+        self._members_seen = -1
+        self._learners: dict[str, TCPNode] = {}  # the leader's, by Raft address
+        self._learner_requests: collections.deque[tuple[str, TCPNode]] = collections.deque()
+        self._snapshot_members: Any = None  # the configuration of the snapshot being loaded
         # The one follower truncation the AppendEntries being handled warrants.
         self._approved_deletion: int | None = None
         self._commit_floor = 0  # see _SyncObj__applyLogEntries
@@ -122,15 +143,18 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         conf = raft_conf(
             timing,
             data_dir,
-            self_addr,
+            self_node.id,
             compaction_min_entries=compaction_min_entries,
             serializer=self._start_snapshot,
             deserializer=self._deserialize,
             onStateChanged=self._state_changed,
             autoTick=auto_tick,
         )
+        # pysyncobj starts from the latest configuration in this node's log (its
+        # own would be the command line's until it applied every change again).
+        others = [n for a, n in self._members.items() if a != self_node.id]
         with durable_journal(self._journal, BackgroundSerializer):
-            super().__init__(self_addr, peer_addrs, conf, transportClass=SyncingTransport)
+            super().__init__(self_node, others, conf, transportClass=SyncingTransport)
         self._snapshots: BackgroundSerializer = self._SyncObj__serializer
         if self.raftCurrentTerm > 0:
             # A restarted node that times out before the current leader reaches it
@@ -147,6 +171,9 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         start = time.monotonic()
         between, self._pulse = start - self._pulse, start
         try:
+            self._reconcile_members()
+            self._gate_campaigns()
+            self._tend_learners()
             self._start_read_round()
             self._start_transfers()
             self._read_before_campaigning()
@@ -157,6 +184,160 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         finally:
             end = self._pulse = time.monotonic()
             self._report_stall(between, end - start, end)
+
+    # ---- membership -----------------------------------------------------------------
+
+    def members(self) -> dict[str, TCPNode]:
+        """Any thread: the configuration this node uses (Raft address -> node, this
+        node included when it is a member): the latest in its log."""
+        return self._members
+
+    def is_member(self) -> bool:
+        return self._self_node.id in self._members
+
+    def change_pending(self) -> bool:
+        """A membership change is in the log and not committed yet."""
+        return bool(self._journal.changes_after(self.raftCommitIndex))
+
+    def _SyncObj__doChangeCluster(self, request: Any, reverse: bool = False) -> bool:
+        """pysyncobj's: change the configuration now, entry by entry, on append,
+        on rollback and again on apply. Here nothing changes (the configuration
+        is computed from the log: `_reconcile_members`); on the leader's path the
+        answer decides whether pysyncobj appends the change: one change at a time,
+        a new node only, and never this node's own removal."""
+        if reverse:
+            return True
+        kind, address = request[0], request[1]
+        if self._journal.changes_after(self.raftCommitIndex):
+            return False  # the previous change is not committed yet
+        members = self._journal.members()
+        if kind == ADD:
+            return address not in members
+        if kind == REMOVE:
+            return address in members and address != self._self_node.id
+        return False
+
+    def _reconcile_members(self) -> None:
+        """Raft thread: make pysyncobj's peers the latest configuration in the log."""
+        if self._journal.members_version == self._members_seen:
+            return
+        self._members_seen = self._journal.members_version
+        members = self._journal.members()
+        self._members = members
+        others: set[Any] = self._SyncObj__otherNodes  # type: ignore[has-type]
+        transport = self._SyncObj__transport
+        now = raft_clock()
+        current = {n.id: n for n in others}
+        for address in current.keys() - members.keys():
+            node = current[address]
+            others.discard(node)
+            self._SyncObj__raftNextIndex.pop(node, None)
+            self._SyncObj__raftMatchIndex.pop(node, None)
+            self._SyncObj__connectedNodes.discard(node)
+            transport.dropNode(node)
+            log.info("raft: %s left the configuration", address)
+        for address in members.keys() - current.keys() - {self._self_node.id}:
+            node = self._learners.pop(address, None)
+            if node is not None:  # a caught-up learner: its link and progress stay
+                self._SyncObj__readonlyNodes.discard(node)
+            else:
+                node = members[address]
+                transport.addNode(node)
+                self._SyncObj__raftNextIndex[node] = self._SyncObj__getCurrentLogIndex() + 1
+                self._SyncObj__raftMatchIndex[node] = 0
+            others.add(node)
+            self._SyncObj__lastResponseTime[node] = now
+            log.info("raft: %s joined the configuration", address)
+
+    def _gate_campaigns(self) -> None:
+        """Raft thread, every tick: a node outside the configuration (joining, or
+        removed) never campaigns; hearing from a leader re-arms pysyncobj's timer,
+        so it is pushed back each time. A removed node that campaigned would raise
+        its term and depose leaders that otherwise never hear from it."""
+        if not self.is_member():
+            self._SyncObj__raftElectionDeadline = float("inf")
+        elif self._SyncObj__raftElectionDeadline == float("inf"):
+            self._SyncObj__raftElectionDeadline = (
+                raft_clock() + self._SyncObj__generateRaftTimeout()
+            )
+
+    def change_membership(self, kind: str, node: TCPNode, timeout_s: float) -> None:
+        """Leader only, any thread: append one membership change (ADD or REMOVE) and
+        return once it is committed. MembershipRefused when the leader refused it
+        (another change is pending, the node is already in or not in, or this node
+        does not lead); TimeoutError when it was not committed in time (it may
+        still be: read `members`)."""
+        done = threading.Event()
+        outcome: list[int] = []
+
+        def on_done(_result: Any, error: int) -> None:
+            outcome.append(error)
+            done.set()
+
+        if kind == ADD:
+            self.addNodeToCluster(node, on_done)
+        else:
+            self.removeNodeFromCluster(node, on_done)
+        self._wake()
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"the change ({kind} {node.id}) was not committed in {timeout_s}s")
+        if outcome[0] != FAIL_REASON.SUCCESS:
+            reason = _FAIL_REASONS.get(outcome[0], str(outcome[0]))
+            raise MembershipRefused(f"{kind} {node.id}: {reason}")
+
+    def add_learner(self, node: TCPNode) -> None:
+        """Any thread, on the leader: replicate the log (and snapshots) to `node`
+        without counting it toward any majority, until it is added or dropped."""
+        self._learner_requests.append((ADD, node))
+        self._wake()
+
+    def drop_learner(self, address: str) -> None:
+        self._learner_requests.append((REMOVE, raft_node(address)))
+        self._wake()
+
+    def learner_match(self, address: str) -> int | None:
+        """Any thread: the last entry the learner at `address` holds, as the leader
+        knows it (None: not a learner of this node)."""
+        node = self._learners.get(address)
+        if node is None:
+            return None
+        return int(self._SyncObj__raftMatchIndex.get(node, 0))
+
+    def _tend_learners(self) -> None:
+        """Raft thread: start and stop learners; a node that stops leading drops them
+        (its successor knows nothing of them: the caller asks again there)."""
+        leading = self._SyncObj__raftState == 2  # type: ignore[has-type]
+        while self._learner_requests:
+            kind, node = self._learner_requests.popleft()
+            if kind == ADD and leading and node.id not in self._members:
+                if node.id not in self._learners:
+                    self._SyncObj__transport.addNode(node)
+                    self._SyncObj__readonlyNodes.add(node)
+                    self._SyncObj__raftNextIndex[node] = self._SyncObj__getCurrentLogIndex() + 1
+                    self._SyncObj__raftMatchIndex[node] = 0
+                    self._learners[node.id] = node
+                    log.info("raft: replicating to learner %s", node.id)
+            elif kind == REMOVE:
+                self._forget_learner(node.id)
+        if not leading:
+            for address in list(self._learners):
+                self._forget_learner(address)
+
+    def _forget_learner(self, address: str) -> None:
+        node = self._learners.pop(address, None)
+        if node is None:
+            return
+        self._SyncObj__readonlyNodes.discard(node)
+        self._SyncObj__raftNextIndex.pop(node, None)
+        self._SyncObj__raftMatchIndex.pop(node, None)
+        self._SyncObj__connectedNodes.discard(node)
+        self._SyncObj__transport.dropNode(node)
+        log.info("raft: stopped replicating to learner %s", address)
+
+    def _wake(self) -> None:
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            notifier.notify()
 
     def _read_before_campaigning(self) -> None:
         """Read what waits on the sockets before an expired election timer starts a
@@ -329,7 +510,13 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         journal = self._journal
         if clearJournal and len(journal) and journal[-1][2] == self.raftCurrentTerm:
             clearJournal = False
+        self._snapshot_members = None
         SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+        if self._snapshot_members is not None:
+            # The journal now starts at the snapshot's last entries: its
+            # configuration is the base; the changes after it are in the journal.
+            journal.set_base({n.id: n for n in self._snapshot_members})
+            self._reconcile_members()
 
     # ---- leadership transfer ---------------------------------------------------------
 
@@ -340,9 +527,7 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         any entry of the leader's log, so the caller asks again until another node
         leads (cluster.runtime.service.ClusterService.TransferLeadership)."""
         self._transfers.append(to_raft_addr or "")
-        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
-        if notifier is not None:
-            notifier.notify()
+        self._wake()
 
     def _start_transfers(self) -> None:
         """Raft thread: pysyncobj's transferLeadership reads and sends from Raft state
@@ -460,7 +645,11 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         checkpoint = self._path("checkpoint.building")
         shutil.rmtree(checkpoint, ignore_errors=True)
         self._kv.checkpoint(checkpoint)
-        meta = pickle.dumps(raft_data)
+        # The configuration as of the snapshot's last entry, not pysyncobj's (its
+        # peers now, which may hold a later change that could still be dropped).
+        last_entry, prev_entry, _cluster = raft_data
+        members = self._journal.members_through(last_entry[1])
+        meta = pickle.dumps((last_entry, prev_entry, set(members.values())))
 
         def write(filename: str) -> None:
             try:
@@ -490,6 +679,7 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
                 assert member is not None
                 raft_data = pickle.loads(member.read())
                 last_entry, prev_entry = raft_data[0], raft_data[1]
+                self._snapshot_members = raft_data[2]
                 snapshot_index = last_entry[1]
                 if self.saga_log.applied_index() < snapshot_index:
                     self._install(tar)
@@ -530,3 +720,18 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
             self.destroy()
         with self._store_lock:
             self._kv.close()
+
+
+class MembershipRefused(Exception):
+    """The leader did not append a membership change."""
+
+
+_FAIL_REASONS = {
+    value: name.lower().replace("_", " ")
+    for name, value in vars(FAIL_REASON).items()
+    if not name.startswith("_")
+}
+
+
+def _as_node(node: str | TCPNode) -> TCPNode:
+    return node if isinstance(node, TCPNode) else raft_node(node)

@@ -84,6 +84,9 @@ def raft_conf(
         useFork=False,
         logCompactionMinEntries=compaction_min_entries,
         logCompactionMinTime=24 * 3600,
-        dynamicMembershipChange=False,
+        # Membership changes are entries (Cluster.AddNode/RemoveNode); SagaLogRaft
+        # computes the configuration from its log instead of following pysyncobj's
+        # changes one by one (sagalog.membership).
+        dynamicMembershipChange=True,
         **hooks,
     )

@@ -36,7 +36,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("id", "role", "term", "epoch", "leader_id", "leader_grpc_addr", "commit_index", "applied_index", "members", "registered", "ready", "in_office", "group", "groups")
+    __slots__ = ("id", "role", "term", "epoch", "leader_id", "leader_grpc_addr", "commit_index", "applied_index", "members", "registered", "ready", "in_office", "group", "groups", "member")
     class RegisteredEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class StatusReply(_message.Message):
     IN_OFFICE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: Role
     term: int
@@ -72,7 +73,8 @@ class StatusReply(_message.Message):
     in_office: bool
     group: int
     groups: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_addr: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., registered: _Optional[_Mapping[str, bytes]] = ..., ready: _Optional[bool] = ..., in_office: _Optional[bool] = ..., group: _Optional[int] = ..., groups: _Optional[int] = ...) -> None: ...
+    member: bool
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., term: _Optional[int] = ..., epoch: _Optional[int] = ..., leader_id: _Optional[str] = ..., leader_grpc_addr: _Optional[str] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., registered: _Optional[_Mapping[str, bytes]] = ..., ready: _Optional[bool] = ..., in_office: _Optional[bool] = ..., group: _Optional[int] = ..., groups: _Optional[int] = ..., member: _Optional[bool] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("batch", "timeout_ms")
@@ -179,3 +181,29 @@ class ShardMapReply(_message.Message):
     groups: _containers.RepeatedCompositeFieldContainer[ShardGroup]
     group: int
     def __init__(self, groups: _Optional[_Iterable[_Union[ShardGroup, _Mapping]]] = ..., group: _Optional[int] = ...) -> None: ...
+
+class AddNodeRequest(_message.Message):
+    __slots__ = ("node_id", "raft_addr", "grpc_addr", "timeout_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RAFT_ADDR_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDR_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    raft_addr: str
+    grpc_addr: str
+    timeout_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., raft_addr: _Optional[str] = ..., grpc_addr: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class RemoveNodeRequest(_message.Message):
+    __slots__ = ("node_id", "timeout_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    timeout_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class MembershipReply(_message.Message):
+    __slots__ = ("members",)
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[NodeInfo]
+    def __init__(self, members: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...

@@ -74,6 +74,16 @@ class ClusterStub:
                 request_serializer=saga_dot_v1_dot_cluster__pb2.ShardMapRequest.SerializeToString,
                 response_deserializer=saga_dot_v1_dot_cluster__pb2.ShardMapReply.FromString,
                 _registered_method=True)
+        self.AddNode = channel.unary_unary(
+                '/saga.v1.Cluster/AddNode',
+                request_serializer=saga_dot_v1_dot_cluster__pb2.AddNodeRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_cluster__pb2.MembershipReply.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/saga.v1.Cluster/RemoveNode',
+                request_serializer=saga_dot_v1_dot_cluster__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=saga_dot_v1_dot_cluster__pb2.MembershipReply.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -152,6 +162,33 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddNode(self, request, context):
+        """Leader only (FAILED_PRECONDITION elsewhere), admin role: add a node to this
+        Raft group, one change at a time. Start the node first (`sagalog-node --join`,
+        its peers being the current members). The leader replicates its log (by
+        snapshot when compacted) to it without counting it toward any majority, and
+        only once it holds every entry committed when the call began does it append
+        the change; answers once the change is committed. FAILED_PRECONDITION while
+        another change is pending or when the id or an address is already a member's;
+        UNAVAILABLE when the node did not catch up (or leadership moved) within
+        timeout_ms. Retrying after an answer was lost is safe: ALREADY_EXISTS then
+        says the node is in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Leader only, admin role: remove a member (never the leader itself: transfer
+        leadership first; never below 3 members), then forget its registration so that
+        its id may join again with a new data directory. The removed node stops voting
+        and campaigning once it has the change; stop its process. NOT_FOUND for an id
+        that is not a member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +231,16 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.ShardMap,
                     request_deserializer=saga_dot_v1_dot_cluster__pb2.ShardMapRequest.FromString,
                     response_serializer=saga_dot_v1_dot_cluster__pb2.ShardMapReply.SerializeToString,
+            ),
+            'AddNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddNode,
+                    request_deserializer=saga_dot_v1_dot_cluster__pb2.AddNodeRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_cluster__pb2.MembershipReply.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=saga_dot_v1_dot_cluster__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=saga_dot_v1_dot_cluster__pb2.MembershipReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -412,6 +459,60 @@ class Cluster:
             '/saga.v1.Cluster/ShardMap',
             saga_dot_v1_dot_cluster__pb2.ShardMapRequest.SerializeToString,
             saga_dot_v1_dot_cluster__pb2.ShardMapReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.Cluster/AddNode',
+            saga_dot_v1_dot_cluster__pb2.AddNodeRequest.SerializeToString,
+            saga_dot_v1_dot_cluster__pb2.MembershipReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saga.v1.Cluster/RemoveNode',
+            saga_dot_v1_dot_cluster__pb2.RemoveNodeRequest.SerializeToString,
+            saga_dot_v1_dot_cluster__pb2.MembershipReply.FromString,
             options,
             channel_credentials,
             insecure,
