@@ -2,6 +2,8 @@
 
 sagactl cluster status [--dir DIR | --addr H:P]   the cluster as a table
 sagactl cluster forget-node --id ID [...]         let a wiped node rejoin
+sagactl cluster add-node --id ID --raft-addr H:P --grpc-addr H:P   add a started node
+sagactl cluster remove-node --id ID               remove a member
 sagactl saga submit|run|get|list|watch|abort|resolve
 sagactl certs init DIR; sagactl auth add-token
 (`cluster up|down`, `travel` and `chaos` come from the test kit: testkit/commands.py)
@@ -17,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Any
 
 import grpc
 import yaml
@@ -143,6 +146,67 @@ def cmd_forget(args: argparse.Namespace) -> int:
             last = f"{exc.code().name}: {exc.details()}"
     print(f"sagactl: forget-node failed: {last}", file=sys.stderr)
     return 1
+
+
+def _on_leader(args: argparse.Namespace, method: str, request: Any, timeout_s: float) -> Any:
+    """A Cluster call on the leader the given nodes name (asked again where
+    leadership moved meanwhile)."""
+    addrs = args.addr.split(",") if args.addr else _addresses(args)
+    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    meta = auth.bearer(_token(args))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        replies = [r for r in (node_status(a, tls, meta) for a in addrs) if r is not None]
+        leader = next((r.leader_grpc_addr for r in replies if r.leader_grpc_addr), None)
+        if leader is None:
+            if time.monotonic() > deadline:
+                raise SystemExit("sagactl: no leader is known to the given nodes")
+            time.sleep(0.2)
+            continue
+        with channel_to(leader, tls) as channel:
+            try:
+                return getattr(cluster_pb2_grpc.ClusterStub(channel), method)(
+                    request, timeout=timeout_s + 5, metadata=meta
+                )
+            except grpc.RpcError as exc:
+                moved = "not the leader" in (exc.details() or "")
+                if not moved or time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"sagactl: {method} failed: {exc.code().name}: {exc.details()}"
+                    ) from None
+        addrs = [leader, *addrs]
+
+
+def _print_members(reply: cluster_pb2.MembershipReply) -> None:
+    for m in reply.members:
+        print(f"{m.id}  raft {m.raft_addr}  grpc {m.grpc_addr}")
+
+
+def cmd_add_node(args: argparse.Namespace) -> int:
+    request = cluster_pb2.AddNodeRequest(
+        node_id=args.id,
+        raft_addr=args.raft_addr,
+        grpc_addr=args.grpc_addr,
+        timeout_ms=int(args.timeout * 1000),
+    )
+    _print_members(_on_leader(args, "AddNode", request, args.timeout))
+    return 0
+
+
+def cmd_remove_node(args: argparse.Namespace) -> int:
+    timeout_ms = int(args.timeout * 1000)
+    addrs = args.addr.split(",") if args.addr else _addresses(args)
+    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    meta = auth.bearer(_token(args))
+    status = next((r for r in (node_status(a, tls, meta) for a in addrs) if r is not None), None)
+    if status is not None and status.leader_id == args.id:
+        # The leader cannot remove itself: it hands leadership over first.
+        transfer = cluster_pb2.TransferLeadershipRequest(timeout_ms=timeout_ms)
+        _on_leader(args, "TransferLeadership", transfer, args.timeout)
+    request = cluster_pb2.RemoveNodeRequest(node_id=args.id, timeout_ms=timeout_ms)
+    _print_members(_on_leader(args, "RemoveNode", request, args.timeout))
+    print(f"node {args.id} no longer votes; stop its process")
+    return 0
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -351,6 +415,28 @@ def parser() -> argparse.ArgumentParser:
     forget.add_argument("--tls-cert", help="client certificate (nodes with mutual TLS)")
     forget.add_argument("--tls-key", help="the client certificate's key")
     forget.set_defaults(func=cmd_forget)
+
+    add_node = sub.add_parser(
+        "add-node",
+        help="add a node started with `sagalog-node --join` (it catches up, then votes)",
+    )
+    add_node.add_argument("--id", required=True)
+    add_node.add_argument("--raft-addr", required=True, metavar="HOST:PORT")
+    add_node.add_argument("--grpc-addr", required=True, metavar="HOST:PORT")
+    add_node.add_argument("--timeout", type=float, default=60.0, help="seconds to catch up")
+    remove_node = sub.add_parser(
+        "remove-node", help="remove a member (the leader hands leadership over first)"
+    )
+    remove_node.add_argument("--id", required=True)
+    remove_node.add_argument("--timeout", type=float, default=10.0)
+    for c, func in ((add_node, cmd_add_node), (remove_node, cmd_remove_node)):
+        c.add_argument("--dir", default=DEFAULT_DIR)
+        c.add_argument("--addr", help="HOST:PORT[,HOST:PORT...] of any members")
+        c.add_argument("--token-file", help="an admin token (default: $SAGA_TOKEN)")
+        c.add_argument("--tls-ca", help="talk TLS, trusting this PEM CA")
+        c.add_argument("--tls-cert", help="client certificate (nodes with mutual TLS)")
+        c.add_argument("--tls-key", help="the client certificate's key")
+        c.set_defaults(func=func)
 
     certs = top.add_parser("certs", help="development TLS certificates")
     certs_sub = certs.add_subparsers(dest="command", required=True)

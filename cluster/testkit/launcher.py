@@ -290,6 +290,20 @@ class LocalCluster:
     def add_node(self, node_id: str, timeout_s: float = 60.0) -> cluster_pb2.MembershipReply:
         """Start a new node that joins the current members, and add it through the
         leader (Cluster.AddNode: it catches up as a learner first)."""
+        spec = self.start_joining(node_id)
+        request = cluster_pb2.AddNodeRequest(
+            node_id=node_id,
+            raft_addr=spec.raft_addr,
+            grpc_addr=spec.grpc_addr,
+            timeout_ms=int(timeout_s * 1000),
+        )
+        reply = self._on_leader("AddNode", request, timeout_s + 5)
+        self.members.append(node_id)
+        return reply
+
+    def start_joining(self, node_id: str) -> NodeSpec:
+        """Start a new node with --join, its peers the current members (it votes
+        once Cluster.AddNode adds it)."""
         if node_id in self.specs:
             raise ValueError(f"node {node_id} exists already")
         raft, grpc_, http = free_ports(3, self.host)
@@ -304,16 +318,7 @@ class LocalCluster:
             join=True,
         )
         self.start(node_id)
-        spec = self.specs[node_id]
-        request = cluster_pb2.AddNodeRequest(
-            node_id=node_id,
-            raft_addr=spec.raft_addr,
-            grpc_addr=spec.grpc_addr,
-            timeout_ms=int(timeout_s * 1000),
-        )
-        reply = self._on_leader("AddNode", request, timeout_s + 5)
-        self.members.append(node_id)
-        return reply
+        return self.specs[node_id]
 
     def remove_node(self, node_id: str, timeout_s: float = 10.0) -> cluster_pb2.MembershipReply:
         """Remove a member through the leader (handing leadership over first when

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from cluster.testkit.launcher import LocalCluster
+
 pytestmark = pytest.mark.cluster
 
 
@@ -59,3 +61,27 @@ def test_a_user_session(tmp_path) -> None:
     finally:
         sagactl(tmp_path, "travel", "down", check=False)
         sagactl(tmp_path, "cluster", "down", check=False)
+
+
+def test_sagactl_adds_a_started_node_and_removes_the_leader(tmp_path) -> None:
+    with LocalCluster(str(tmp_path / "c"), nodes=3).running() as cluster:
+        spec = cluster.start_joining("n4")
+        addr = ",".join(cluster.specs[n].grpc_addr for n in cluster.members)
+        added = sagactl(
+            tmp_path,
+            *("cluster", "add-node", "--addr", addr, "--id", "n4"),
+            *("--raft-addr", spec.raft_addr, "--grpc-addr", spec.grpc_addr),
+        )
+        assert added.stdout.count("raft 127.0.0.1:") == 4 and "n4 " in added.stdout
+        cluster.members.append("n4")
+        leader = cluster.leader_id()
+        removed = sagactl(tmp_path, "cluster", "remove-node", "--addr", addr, "--id", leader)
+        assert removed.stdout.count("raft 127.0.0.1:") == 3
+        listed = [line.split()[0] for line in removed.stdout.splitlines() if " raft " in line]
+        assert leader not in listed and f"{leader} no longer votes" in removed.stdout
+        cluster.members.remove(leader)
+        assert cluster.wait_for_leader(15).id != leader
+        refused = sagactl(
+            tmp_path, "cluster", "remove-node", "--addr", addr, "--id", "n4", check=False
+        )
+        assert refused.returncode != 0 and "at least 3 members" in refused.stderr
