@@ -147,10 +147,10 @@ class WebGateway:
         self._channel = channel_to(config.grpc_addr, node_tls(config))
         self._sagas = sagas_pb2_grpc.SagasStub(self._channel)
         self._streams = threading.BoundedSemaphore(MAX_EVENT_STREAMS)
-        self._peer_channels = {
-            p.id: channel_to(p.grpc_addr, node_tls(config)) for p in config.peers
-        }
-        self._peer_channels[config.id] = self._channel
+        # A channel per member's gRPC address, opened when the member is first seen
+        # (membership changes at run time: the list comes from this node's Status).
+        self._peer_channels = {config.grpc_addr: self._channel}
+        self._channels_lock = threading.Lock()
 
     def routes(self) -> Routes:
         routes = Routes()
@@ -201,9 +201,22 @@ class WebGateway:
         except grpc.RpcError as exc:
             raise _Refused(exc) from None
 
+    def _members(self, request: Request) -> list[tuple[str, grpc.Channel]]:
+        """(id, channel) of each member this node knows (and of itself), by id."""
+        own = self._call(
+            cluster_pb2_grpc.ClusterStub(self._channel).Status, cluster_pb2.StatusRequest(), request
+        )
+        others = [(m.id, m.grpc_addr) for m in own.members if m.id != self._config.id]
+        members = sorted([(self._config.id, self._config.grpc_addr), *others])
+        with self._channels_lock:
+            for _, addr in members:
+                if addr and addr not in self._peer_channels:
+                    self._peer_channels[addr] = channel_to(addr, node_tls(self._config))
+            return [(node_id, self._peer_channels[addr]) for node_id, addr in members if addr]
+
     def _cluster(self, request: Request) -> Response:
         nodes = []
-        for node_id, channel in sorted(self._peer_channels.items()):
+        for node_id, channel in self._members(request):
             try:
                 status = cluster_pb2_grpc.ClusterStub(channel).Status(
                     cluster_pb2.StatusRequest(),
