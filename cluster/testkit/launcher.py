@@ -112,7 +112,7 @@ class NodeSpec:
     pid: int = 0
     http_addr: str = ""  # the web page and /metrics ("": not served)
     command: list[str] = field(default_factory=list)  # as last started (rolling restarts)
-    peers: list[str] = field(default_factory=list)  # ids on its command line (empty: the rest)
+    peers: list[str] = field(default_factory=list)  # ids of the peers on its command line
     join: bool = False  # started with --join (added by Cluster.AddNode)
 
 
@@ -200,6 +200,8 @@ class LocalCluster:
             if link_faults
             else {}
         )
+        for spec in self.specs.values():  # the first members; their command lines keep these
+            spec.peers = [n for n in self.specs if n != spec.id]
         # The nodes that vote: the first ones, then as add_node and remove_node change it.
         self.members: list[str] = list(self.specs)
         self.procs: dict[str, subprocess.Popen] = {}
@@ -224,7 +226,7 @@ class LocalCluster:
             "--data-dir",
             spec.data_dir,
         ]
-        for peer in spec.peers or [n for n in self.specs if n != node_id]:
+        for peer in spec.peers:
             other = self.specs[peer]
             cmd += ["--peer", f"{other.id}={other.raft_addr},{other.grpc_addr}"]
         if spec.join:

@@ -5,7 +5,10 @@ participants and identical replicas among the members."""
 
 from __future__ import annotations
 
+import os
+import random
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -192,3 +195,112 @@ def test_membership_calls_refuse_what_would_break_the_cluster(tmp_path) -> None:
             other.AddNode(ghost, timeout=10, metadata=cluster.metadata)
         assert not_leader.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert members_seen(cluster, leader) == sorted(cluster.members)
+
+
+ROUNDS = 3
+
+
+def test_changes_survive_the_leader_being_killed_in_the_middle_of_them(tmp_path) -> None:
+    """The leader dies at a seeded moment inside AddNode, and again inside
+    RemoveNode, each round: the change may or may not have committed. Whatever
+    happened, the members agree on one configuration (the restarted leader takes
+    its own from its log, not its command line), the change can be made again,
+    and no saga fails."""
+    rng = random.Random(int(os.environ.get("MEMBERSHIP_SEED", "14")))
+    parts = TravelParticipants(str(tmp_path / "parts"))
+    cluster = LocalCluster(str(tmp_path / "cluster"), nodes=3, auth=True, settings=SETTINGS)
+    with parts, cluster.running():
+        definition = travel_definition(parts.endpoints)
+        first = [s.grpc_addr for s in cluster.specs.values()]
+        with steady_load(first, cluster.tokens["client"], definition, "kill") as results:
+            for r in range(ROUNDS):
+                joiner = f"j{r}"
+                spec = cluster.start_joining(joiner)
+                add = cluster_pb2.AddNodeRequest(
+                    node_id=joiner, raft_addr=spec.raft_addr, grpc_addr=spec.grpc_addr
+                )
+                # Catching up takes most of a second: the kill lands in it or just after.
+                settled = change_with_leader_killed(cluster, "AddNode", add, rng.uniform(0, 0.8))
+                assert joiner in settled, settled
+                cluster.members.append(joiner)
+                # The node being removed may never hear of it (the members drop their
+                # links to it as they append the removal): it is left out of every
+                # wait from now on, and stopped once the removal has settled.
+                cluster.members.remove(joiner)
+                remove = cluster_pb2.RemoveNodeRequest(node_id=joiner)
+                # A removal commits in milliseconds: the kill lands around the commit.
+                delay = rng.uniform(0, 0.02)
+                settled = change_with_leader_killed(cluster, "RemoveNode", remove, delay, joiner)
+                assert joiner not in settled, settled
+                cluster.kill(joiner, signal.SIGTERM)
+            wait_members(cluster, ["n1", "n2", "n3"])
+        finish(cluster, parts, results, first)
+
+
+def change_with_leader_killed(
+    cluster: LocalCluster, method: str, request, delay_s: float, spare: str = ""
+) -> list[str]:
+    """Call `method` on the leader, SIGKILL the leader `delay_s` later, restart it,
+    and make the change again if it did not commit (asking the same again is safe).
+    `spare`: the node being removed (it may lead until its removal commits). Returns
+    the settled members."""
+    leader = leader_of(cluster, spare)
+    outcome: list[grpc.StatusCode] = []
+
+    def call() -> None:
+        try:
+            getattr(cluster.stub(leader), method)(request, timeout=30, metadata=cluster.metadata)
+            outcome.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            outcome.append(exc.code())
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(delay_s)
+    cluster.kill(leader)
+    caller.join(40)
+    cluster.start(leader)  # its own command line: its configuration comes from its log
+    deadline = time.monotonic() + 60
+    while True:  # bounded by the deadline
+        now_leading = leader_of(cluster, spare)
+        try:
+            getattr(cluster.stub(now_leading), method)(
+                request, timeout=30, metadata=cluster.metadata
+            )
+            break
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                break  # removed already: the first call's change committed
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+    print(
+        f"{method}, {leader} killed after {delay_s * 1000:.0f} ms: first answer "
+        f"{outcome[0].name if outcome else 'none'}, then {now_leading} led"
+    )
+    return members_seen(cluster, now_leading)
+
+
+def leader_of(cluster: LocalCluster, spare: str, timeout_s: float = 20.0) -> str:
+    """The leader the live members agree on, in office; the node being removed
+    (`spare`) may be it, and is then asked to hand leadership over first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        replies = [cluster.status(n, 0.5) for n in cluster.members if cluster.alive(n)]
+        agreed = {(r.leader_id, r.term) for r in replies if r is not None}
+        if len(agreed) == 1 and None not in replies:
+            leader, _ = agreed.pop()
+            status = cluster.status(leader, 0.5) if leader else None
+            if status is not None and status.in_office:
+                if leader != spare:
+                    return leader
+                try:
+                    cluster.stub(leader).TransferLeadership(
+                        cluster_pb2.TransferLeadershipRequest(timeout_ms=5000),
+                        timeout=10,
+                        metadata=cluster.metadata,
+                    )
+                except grpc.RpcError:
+                    pass  # asked again below
+        time.sleep(0.05)
+    raise TimeoutError(f"no agreed leader among the live members within {timeout_s}s")
