@@ -55,7 +55,7 @@ from pysyncobj.journal import Journal
 from pysyncobj.pickle import to_bytes
 
 from sagalog.fsync import fsync_dir, pwrite_all, replace_durably
-from sagalog.membership import MEMBERSHIP, Change, change_in, fold
+from sagalog.membership import ADD, MEMBERSHIP, Change, change_in, fold
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +208,24 @@ class DurableJournal(Journal):
         return [(i, c) for i, c in self._changes if i > idx]
 
     def members_through(self, idx: int) -> dict[str, Any]:
-        """The configuration as of entry `idx` (what a snapshot there records)."""
-        return fold(self.base, (c for i, c in self._changes if i <= idx))
+        """The configuration as of entry `idx` (what a snapshot there records).
+
+        Worked back from the latest one, not forward from `base`: a joining node's
+        base is the configuration when it joined, which already holds changes its
+        log has at later indexes. Each change flips one node (the leader appends
+        an add only for a node out, a removal only for one in), so a node's state
+        at `idx` is the opposite of what the first change after `idx` made it."""
+        members = self.members()
+        seen: set[str] = set()
+        for i, (kind, node) in self._changes:
+            if i <= idx or node.id in seen:
+                continue
+            seen.add(node.id)
+            if kind == ADD:
+                members.pop(node.id, None)
+            else:
+                members[node.id] = node
+        return members
 
     def _forget_changes_from(self, idx: int) -> None:
         kept = [(i, c) for i, c in self._changes if i < idx]

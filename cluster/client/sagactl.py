@@ -169,12 +169,16 @@ def _on_leader(args: argparse.Namespace, method: str, request: Any, timeout_s: f
                     request, timeout=timeout_s + 5, metadata=meta
                 )
             except grpc.RpcError as exc:
-                moved = "not the leader" in (exc.details() or "")
+                # Leadership moved, or the leader died or is taking office: ask again.
+                moved = exc.code() == grpc.StatusCode.UNAVAILABLE or "not the leader" in (
+                    exc.details() or ""
+                )
                 if not moved or time.monotonic() > deadline:
                     raise SystemExit(
                         f"sagactl: {method} failed: {exc.code().name}: {exc.details()}"
                     ) from None
-        addrs = [leader, *addrs]
+        addrs = [leader, *(a for a in addrs if a != leader)]
+        time.sleep(0.2)
 
 
 def _print_members(reply: cluster_pb2.MembershipReply) -> None:

@@ -9,7 +9,8 @@ hop; those that do not (grpcurl, a client of another language) still work.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -75,15 +76,16 @@ class GroupRouter:
         method: str,
         request: Any,
         metadata: Sequence[tuple[str, str]],
-        timeout_s: float,
+        timeout_s: float | None,
     ) -> Any:
         """The group's answer (blocking). A node that is down (UNAVAILABLE) passes the
         call to the next; any other error is the caller's answer."""
         hop = [*metadata, (GROUP_HOP, str(group.index))]
+        left = _budget(timeout_s)
         error: grpc.RpcError | None = None
         for addr in self._order(group):
             try:
-                reply = getattr(self._stub(addr), method)(request, timeout=timeout_s, metadata=hop)
+                reply = getattr(self._stub(addr), method)(request, timeout=left(), metadata=hop)
                 self._preferred[group.index] = addr
                 return reply
             except grpc.RpcError as exc:
@@ -99,15 +101,16 @@ class GroupRouter:
         method: str,
         request: Any,
         metadata: Sequence[tuple[str, str]],
-        timeout_s: float,
+        timeout_s: float | None,
     ) -> Any:
         """As `forward`, on the event loop (Submit and Run wait there)."""
         hop = [*metadata, (GROUP_HOP, str(group.index))]
+        left = _budget(timeout_s)
         error: grpc.RpcError | None = None
         for addr in self._order(group):
             try:
                 reply = await getattr(self._astub(addr), method)(
-                    request, timeout=timeout_s, metadata=hop
+                    request, timeout=left(), metadata=hop
                 )
                 self._preferred[group.index] = addr
                 return reply
@@ -129,11 +132,12 @@ class GroupRouter:
         only while nothing was delivered: after that the caller resumes from the
         last sequence number it saw, as after any failover."""
         hop = [*metadata, (GROUP_HOP, str(group.index))]
+        left = _budget(timeout_s)
         error: grpc.RpcError | None = None
         for addr in self._order(group):
             delivered = False
             try:
-                stream = self._astub(addr).Watch(request, timeout=timeout_s, metadata=hop)
+                stream = self._astub(addr).Watch(request, timeout=left(), metadata=hop)
                 async for event in stream:
                     delivered = True
                     yield event
@@ -145,6 +149,14 @@ class GroupRouter:
                 error = exc
         assert error is not None
         raise error
+
+
+def _budget(timeout_s: float | None) -> Callable[[], float | None]:
+    """What is left of `timeout_s` at each attempt (None: no deadline)."""
+    if timeout_s is None:
+        return lambda: None
+    deadline = time.monotonic() + timeout_s
+    return lambda: max(0.001, deadline - time.monotonic())
 
 
 def merge_pages(

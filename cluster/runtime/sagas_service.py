@@ -181,31 +181,39 @@ class Call:
     """What the service reads from a call's context, whichever server runs it."""
 
     forwarded: bool  # a follower sent it here: never forward it again
-    time_remaining_s: float | None
+    deadline: float | None  # time.monotonic() by which the caller wants an answer
     authorization: str | None = None  # the caller's credential, passed on when forwarding
     group_hop: bool = False  # a node of another group sent it here: answer for this group
 
     @staticmethod
     def of(context: Any) -> Call:
         metadata = dict(context.invocation_metadata() or ())
+        remaining = context.time_remaining()
         return Call(
             forwarded=bool(metadata.get(FORWARDED)),
-            time_remaining_s=context.time_remaining(),
+            deadline=None if remaining is None else time.monotonic() + remaining,
             authorization=metadata.get(auth.HEADER),
             group_hop=bool(metadata.get(GROUP_HOP)),
         )
+
+    @property
+    def time_remaining_s(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def credential(self) -> list[tuple[str, str]]:
         return [(auth.HEADER, self.authorization)] if self.authorization else []
 
     def timeout_s(self) -> float:
+        """What is left of the caller's deadline (a bounded default without one)."""
         remaining = self.time_remaining_s
         return remaining if remaining is not None else WRITE_TIMEOUT_S * 2
 
     def forwarding(self) -> list[tuple[str, str]]:
         """Metadata of this call sent on to the leader: marked, with the caller's
-        own credential (the leader checks the caller's role, not this node's)."""
-        return [(FORWARDED, "1"), *self.credential()]
+        own credential (the leader checks the caller's role, not this node's) and,
+        for a call another group sent here, that mark too."""
+        hop = [(GROUP_HOP, "1")] if self.group_hop else []
+        return [(FORWARDED, "1"), *self.credential(), *hop]
 
 
 def _answers(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -283,12 +291,12 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
         except grpc.RpcError as exc:
             raise Refusal(exc.code(), exc.details()) from None
 
-    async def _in_group_async(self, group: Group, method: str, request: Any, call: Call) -> Any:
+    async def _in_group_async(
+        self, group: Group, method: str, request: Any, call: Call, timeout_s: float | None
+    ) -> Any:
         assert self._router is not None
         try:
-            return await self._router.aforward(
-                group, method, request, call.credential(), call.timeout_s()
-            )
+            return await self._router.aforward(group, method, request, call.credential(), timeout_s)
         except grpc.RpcError as exc:
             raise Refusal(exc.code(), exc.details()) from None
 
@@ -493,7 +501,7 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             call = Call.of(context)
             group = self._foreign(request.saga_id, call)
             if group is not None:
-                return await self._in_group_async(group, "Submit", request, call)
+                return await self._in_group_async(group, "Submit", request, call, call.timeout_s())
             self.admit()  # on the event loop: a refusal costs no thread hop
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(None, self.submit, request, call)
@@ -676,7 +684,10 @@ class SagasService(sagas_pb2_grpc.SagasServicer):
             call = Call.of(context)
             group = self._foreign(request.saga_id, call)
             if group is not None:
-                return await self._in_group_async(group, "Run", request, call)
+                # As long as the caller waits: no deadline of its own, none here.
+                return await self._in_group_async(
+                    group, "Run", request, call, call.time_remaining_s
+                )
             self.admit()  # on the event loop: a refusal costs no thread hop
             request = self._checked(request)
             # Subscribe before submitting: an EndSaga applied from now on is pushed.

@@ -308,6 +308,10 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"node {self._config.id} is not the leader; ask the leader",
             )
+        if not self._in_office():
+            # Its own entry of the term is not committed yet (pysyncobj refuses a
+            # change until then): a moment after an election or a transfer.
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the leader is taking office; retry")
         if raft.change_pending():
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -378,29 +382,38 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"timeout_ms exceeds {MAX_PROPOSE_TIMEOUT_MS}"
             )
         assert timeout_s is not None
-        raft, _ = self._started(context)
+        raft = self._leader_for_change(context)
+        deadline = time.monotonic() + timeout_s
         address = self._member_named(raft, request.node_id)
         if address is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no member {request.node_id!r}")
-        assert address is not None
+            with raft.reading() as saga_log:
+                registered = request.node_id in saga_log.members()
+            if not registered:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no member {request.node_id!r}")
+            # Removed already (a retry after a lost answer), or joining and never
+            # added: only its registration is left to forget.
+            self._forget(request.node_id, deadline, context)
+            return cluster_pb2.MembershipReply(members=self._members(raft))
         if request.node_id == self._config.id:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "the leader cannot remove itself: transfer leadership first",
             )
-        raft = self._leader_for_change(context)
         if len(raft.members()) <= MIN_MEMBERS:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"a group keeps at least {MIN_MEMBERS} members: add one before removing one",
             )
-        deadline = time.monotonic() + timeout_s
         self._change(raft, REMOVE, raft.members()[address], deadline, context)
-        # Its registration goes too: the id may come back with a new data directory.
-        batch = codec.encode_batch([rec.forget_member(request.node_id)])
-        self._propose(batch, max(0.001, deadline - time.monotonic()), context)
+        self._forget(request.node_id, deadline, context)
         log.info("node %s (%s) removed from the configuration", request.node_id, address)
         return cluster_pb2.MembershipReply(members=self._members(raft))
+
+    def _forget(self, node_id: str, deadline: float, context: Any) -> None:
+        """Forget a removed node's registration: its id may come back later with a
+        new data directory (a new incarnation)."""
+        batch = codec.encode_batch([rec.forget_member(node_id)])
+        self._propose(batch, max(0.001, deadline - time.monotonic()), context)
 
     def _change(
         self, raft: SagaLogRaft, kind: str, node: Any, deadline: float, context: Any

@@ -171,12 +171,13 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         start = time.monotonic()
         between, self._pulse = start - self._pulse, start
         try:
-            self._reconcile_members()
-            self._gate_campaigns()
-            self._tend_learners()
             self._start_read_round()
             self._start_transfers()
             self._read_before_campaigning()
+            # After that poll: a change it brought counts in this tick's election.
+            self._reconcile_members()
+            self._gate_campaigns()
+            self._tend_learners()
             # Before the commit index is computed: a new leader's no-op entry is added
             # and sent from inside a poll, whose answer can be read in that same poll.
             self._journal.sync()
@@ -207,12 +208,16 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         a new node only, and never this node's own removal."""
         if reverse:
             return True
-        kind, address = request[0], request[1]
+        kind = request[0]
+        node = request[2] if len(request) >= 3 else request[1]
+        address = node.id if isinstance(node, TCPNode) else str(node)  # what the fold applies
         if self._journal.changes_after(self.raftCommitIndex):
             return False  # the previous change is not committed yet
         members = self._journal.members()
         if kind == ADD:
-            return address not in members
+            # Only a learner this leader has caught up: a change forwarded to a new
+            # leader (leadership moved meanwhile) must not skip the catch-up.
+            return address not in members and address in self._learners
         if kind == REMOVE:
             return address in members and address != self._self_node.id
         return False
@@ -249,12 +254,19 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
             self._SyncObj__lastResponseTime[node] = now
             log.info("raft: %s joined the configuration", address)
 
+    def _may_campaign(self) -> bool:
+        """In the latest configuration, or in the committed one (Raft thesis 4.2.2:
+        a node whose removal is not committed yet may still be needed to elect a
+        leader; it then does not count its own vote: `_SyncObj__onLeaderChanged`)."""
+        me = self._self_node.id
+        return me in self._members or me in self._journal.members_through(self.raftCommitIndex)
+
     def _gate_campaigns(self) -> None:
-        """Raft thread, every tick: a node outside the configuration (joining, or
-        removed) never campaigns; hearing from a leader re-arms pysyncobj's timer,
-        so it is pushed back each time. A removed node that campaigned would raise
-        its term and depose leaders that otherwise never hear from it."""
-        if not self.is_member():
+        """Raft thread, every tick: a node that may not campaign (joining, or
+        removed for good) never does; hearing from a leader re-arms pysyncobj's
+        timer, so it is pushed back each time. A removed node that campaigned would
+        raise its term and depose leaders that otherwise never hear from it."""
+        if not self._may_campaign():
             self._SyncObj__raftElectionDeadline = float("inf")
         elif self._SyncObj__raftElectionDeadline == float("inf"):
             self._SyncObj__raftElectionDeadline = (
@@ -264,9 +276,9 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
     def change_membership(self, kind: str, node: TCPNode, timeout_s: float) -> None:
         """Leader only, any thread: append one membership change (ADD or REMOVE) and
         return once it is committed. MembershipRefused when the leader refused it
-        (another change is pending, the node is already in or not in, or this node
-        does not lead); TimeoutError when it was not committed in time (it may
-        still be: read `members`)."""
+        (another change is pending, the node is already in or not in, an added node
+        is not a learner of this leader); TimeoutError when it was not committed in
+        time or leadership moved (it may still commit: read `members`)."""
         done = threading.Event()
         outcome: list[int] = []
 
@@ -283,7 +295,20 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
             raise TimeoutError(f"the change ({kind} {node.id}) was not committed in {timeout_s}s")
         if outcome[0] != FAIL_REASON.SUCCESS:
             reason = _FAIL_REASONS.get(outcome[0], str(outcome[0]))
-            raise MembershipRefused(f"{kind} {node.id}: {reason}")
+            if outcome[0] == FAIL_REASON.REQUEST_DENIED:
+                raise MembershipRefused(f"{kind} {node.id}: {reason}")
+            # Leadership moved, or the outcome is unknown: it may still commit.
+            raise TimeoutError(f"{kind} {node.id}: {reason}; it may still commit")
+
+    def _SyncObj__onLeaderChanged(self) -> None:
+        """pysyncobj counts a candidate's own vote before it asks the others (just
+        before calling this). A candidate outside its latest configuration (its
+        removal not committed yet) must win a majority of that configuration
+        without its own vote: 0.5 makes pysyncobj's test `votes > (others + 1) / 2`
+        mean `votes from others > others / 2`."""
+        if self._SyncObj__raftState == 1 and not self.is_member():  # type: ignore[has-type]
+            self._SyncObj__votesCount = 0.5
+        SyncObj._SyncObj__onLeaderChanged(self)
 
     def add_learner(self, node: TCPNode) -> None:
         """Any thread, on the leader: replicate the log (and snapshots) to `node`

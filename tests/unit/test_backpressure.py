@@ -126,7 +126,7 @@ def test_submits_not_answered_yet_count_toward_the_limit() -> None:
     node = _Node(0.0, in_flight=98)  # the limit is 100
     node.proposer = _BlockingProposer()  # type: ignore[assignment]
     service = SagasService(node)  # type: ignore[arg-type]
-    call = Call(forwarded=False, time_remaining_s=None)
+    call = Call(forwarded=False, deadline=None)
     definition = rec.chain_definition("a")
     held = [
         threading.Thread(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 
@@ -66,6 +67,32 @@ def test_the_journal_follows_changes_through_truncation_compaction_and_restart(t
     assert reopened.members().keys() == {a.id, b.id, c.id, d.id, e.id}
     assert names(reopened.members()[e.id]) == ("e", "127.0.0.1:6")
     reopened.close()
+
+
+def test_the_leader_appends_one_change_at_a_time_and_adds_only_caught_up_learners(
+    tmp_path,
+) -> None:
+    a, b, c, d = (_node(p, n) for p, n in [(1, "a"), (2, "b"), (3, "c"), (4, "d")])
+    journal = DurableJournal(str(tmp_path / "journal"))
+    journal.set_base({n.id: n for n in (a, b, c)})
+    journal.add(b"\x01", 1, 1)
+    leader = SimpleNamespace(_journal=journal, raftCommitIndex=1, _learners={}, _self_node=a)
+
+    def appends(kind: str, node) -> bool:
+        return SagaLogRaft._SyncObj__doChangeCluster(leader, [kind, node.id, node])
+
+    assert not appends(ADD, d)  # not a learner of this leader: never caught up
+    leader._learners[d.id] = d
+    assert appends(ADD, d)
+    assert not appends(ADD, b)  # a member already
+    assert not appends(REMOVE, a)  # the leader itself
+    assert not appends(REMOVE, d)  # not a member
+    assert appends(REMOVE, b)
+    journal.add(change_command(ADD, d), 2, 1)  # appended, not committed
+    assert not appends(REMOVE, b) and not appends(REMOVE, c)  # one change at a time
+    leader.raftCommitIndex = 2
+    assert appends(REMOVE, b)
+    journal.close()
 
 
 class Replicas:
@@ -143,10 +170,14 @@ def test_a_learner_catches_up_before_it_votes_then_a_node_is_removed(tmp_path) -
     ports = free_ports(5)
     n = {f"n{i + 1}": _node(p, f"n{i + 1}") for i, p in enumerate(ports)}
     first = ["n1", "n2", "n3"]
+
+    def start(name: str) -> SagaLogRaft:
+        peers = [n[o] for o in first if o != name]
+        return group.start(name, n[name], peers, compaction_min_entries=100)
+
     with replicas(tmp_path) as group:
         for name in first:
-            peers = [n[o] for o in first if o != name]
-            group.start(name, n[name], peers, compaction_min_entries=100)
+            start(name)
         leader = group.leader()
         commit(leader, 250, "before")  # past the snapshot threshold: n4 gets a snapshot
 
@@ -154,12 +185,29 @@ def test_a_learner_catches_up_before_it_votes_then_a_node_is_removed(tmp_path) -
         time.sleep(0.5)  # it hears nobody: not a member, it never campaigns
         assert not n4.is_member() and n4.status().role == 0 and n4.raftCurrentTerm == 0
         leader = group.leader(first)
+        with pytest.raises(MembershipRefused):  # never added before it caught up
+            leader.change_membership(ADD, n["n4"], WAIT_S)
         leader.add_learner(n["n4"])
         target = leader.raftCommitIndex
         wait_for(lambda: (leader.learner_match(n["n4"].id) or 0) >= target, "learner catch-up")
         assert n4.raftLastApplied >= target - 1 and not n4.is_member()
         assert n4._journal[0][1] > 1  # it started from the leader's snapshot
-        assert len(leader.members()) == 3  # a learner is no voter
+        assert len(leader.members()) == 3
+
+        # A learner counts toward no majority: the leader alone with it commits nothing.
+        followers = [x for x in first if group.running[x] is not leader]
+        for name in followers:
+            group.stop(name)
+        with pytest.raises(Exception, match="(?i)timeout"):
+            leader.apply_batch(
+                codec.encode_batch([rec.member("lonely", b"x")]), sync=True, timeout=1.0
+            )
+        for name in followers:
+            start(name)
+        leader = group.leader(first)
+        leader.add_learner(n["n4"])  # a learner lives on the leader it was asked of
+        target = leader.raftCommitIndex
+        wait_for(lambda: (leader.learner_match(n["n4"].id) or 0) >= target, "learner catch-up")
 
         leader.change_membership(ADD, n["n4"], WAIT_S)
         for name in ["n1", "n2", "n3", "n4"]:
@@ -167,38 +215,38 @@ def test_a_learner_catches_up_before_it_votes_then_a_node_is_removed(tmp_path) -
             wait_for(lambda r=raft: len(r.members()) == 4, f"{name} seeing 4 members")
         assert n4.is_member()
         assert names(leader.members()[n["n4"].id]) == ("n4", n["n4"].grpc_addr)
-        # One change at a time, and no second copy of a member.
-        with pytest.raises(MembershipRefused):
+        with pytest.raises(MembershipRefused):  # no second copy of a member
             leader.change_membership(ADD, n["n4"], WAIT_S)
 
-        # Remove a follower: it leaves everyone's configuration, its own included,
-        # and stops campaigning, so its election timer can never depose anyone.
+        # Remove a follower: it leaves everyone's configuration, its own included.
         removed = next(x for x in first if group.running[x] is not leader)
         leader.change_membership(REMOVE, n[removed], WAIT_S)
         for name in group.running:
             raft = group.running[name]
-            wait_for(lambda r=raft: len(r.members()) == 3, f"{name} seeing 3 members")
-        assert not group.running[removed].is_member()
-        term = leader.raftCurrentTerm
+            if name != removed:
+                wait_for(lambda r=raft: len(r.members()) == 3, f"{name} seeing 3 members")
         group.stop(removed)
+        survivors = list(group.running)
 
         # The three left commit, and survive their leader's loss (2 of 3).
-        last = commit(leader, 20, "after")
-        kept = [x for x in group.running if group.running[x] is not leader]
-        old_leader = next(x for x in group.running if group.running[x] is leader)
+        leader = group.leader(survivors)
+        term = leader.raftCurrentTerm
+        commit(leader, 20, "after")
+        old_leader = next(x for x in survivors if group.running[x] is leader)
         group.stop(old_leader)
+        kept = [x for x in survivors if x != old_leader]
         new_leader = group.leader(kept)
         assert new_leader.raftCurrentTerm > term
         assert len(new_leader.members()) == 3
-        final = commit(new_leader, 5, "new") if new_leader.raftCommitIndex >= last else None
-        assert final is not None
+        final = commit(new_leader, 5, "new")
         for name in kept:
             raft = group.running[name]
             wait_for(lambda r=raft: r.raftLastApplied >= final, f"{name} applying")
 
         # Restarted, a node takes its configuration from its log and snapshot,
         # not from its command line (n4 still says it joins n1-n3).
-        group.stop("n4")
+        if "n4" in group.running:
+            group.stop("n4")
         again = group.start("n4", n["n4"], [n[o] for o in first], joining=True)
         wait_for(lambda: len(again.members()) == 3 and again.is_member(), "n4's configuration")
         assert removed not in {names(x)[0] for x in again.members().values()}

@@ -14,7 +14,7 @@ from cluster.runtime.push import AppliedFeed
 from cluster.runtime.sagas_service import Call, SagasService
 from sagalog import records as rec
 
-CALL = Call(forwarded=False, time_remaining_s=None)
+CALL = Call(forwarded=False, deadline=None)
 
 
 def _records(n: int, end: bool = True) -> list[log_pb2.Record]:
