@@ -171,8 +171,8 @@ class ClusterServicer:
         the change; answers once the change is committed. FAILED_PRECONDITION while
         another change is pending or when the id or an address is already a member's;
         UNAVAILABLE when the node did not catch up (or leadership moved) within
-        timeout_ms. Retrying after an answer was lost is safe: ALREADY_EXISTS then
-        says the node is in.
+        timeout_ms. A retry after a lost answer is safe: a member with the same id
+        and addresses is answered OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
