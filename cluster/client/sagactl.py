@@ -45,8 +45,9 @@ CONSOLE = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _addresses(args: argparse.Namespace) -> list[str]:
+    """The nodes to ask: --addr's (comma-separated), else the local cluster's."""
     if args.addr:
-        return [args.addr]
+        return args.addr.split(",")
     try:
         return grpc_addresses(args.dir)
     except FileNotFoundError:
@@ -151,7 +152,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def _on_leader(args: argparse.Namespace, method: str, request: Any, timeout_s: float) -> Any:
     """A Cluster call on the leader the given nodes name (asked again where
     leadership moved meanwhile)."""
-    addrs = args.addr.split(",") if args.addr else _addresses(args)
+    addrs = _addresses(args)
     tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
     meta = auth.bearer(_token(args))
     deadline = time.monotonic() + timeout_s
@@ -199,7 +200,7 @@ def cmd_add_node(args: argparse.Namespace) -> int:
 
 def cmd_remove_node(args: argparse.Namespace) -> int:
     timeout_ms = int(args.timeout * 1000)
-    addrs = args.addr.split(",") if args.addr else _addresses(args)
+    addrs = _addresses(args)
     tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
     meta = auth.bearer(_token(args))
     status = next((r for r in (node_status(a, tls, meta) for a in addrs) if r is not None), None)
@@ -223,7 +224,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _client(args: argparse.Namespace) -> SagaClient:
-    addrs = args.addr.split(",") if args.addr else _addresses(args)
+    addrs = _addresses(args)
     return SagaClient(
         addrs,
         token=_token(args),
@@ -400,24 +401,14 @@ def parser() -> argparse.ArgumentParser:
     sub = cluster.add_subparsers(dest="command", required=True)
 
     status = sub.add_parser("status", help="show every node's view as a table")
-    status.add_argument("--dir", default=DEFAULT_DIR, help="a local cluster's directory")
-    status.add_argument("--addr", help="HOST:PORT of any node's gRPC server")
-    status.add_argument("--token-file", help="a token (default: $SAGA_TOKEN)")
-    status.add_argument("--tls-ca", help="talk TLS, trusting this PEM CA")
-    status.add_argument("--tls-cert", help="client certificate (nodes with mutual TLS)")
-    status.add_argument("--tls-key", help="the client certificate's key")
+    _node_flags(status, "a token")
     status.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
     status.set_defaults(func=cmd_status)
 
     forget = sub.add_parser("forget-node", help="unregister a node whose data directory was wiped")
     forget.add_argument("--id", required=True)
-    forget.add_argument("--dir", default=DEFAULT_DIR)
-    forget.add_argument("--addr", help="HOST:PORT of any running node's gRPC server")
-    forget.add_argument("--token-file", help="an admin token (default: $SAGA_TOKEN)")
-    forget.add_argument("--tls-ca", help="talk TLS, trusting this PEM CA")
-    forget.add_argument("--tls-cert", help="client certificate (nodes with mutual TLS)")
-    forget.add_argument("--tls-key", help="the client certificate's key")
+    _node_flags(forget, "an admin token")
     forget.set_defaults(func=cmd_forget)
 
     add_node = sub.add_parser(
@@ -434,12 +425,7 @@ def parser() -> argparse.ArgumentParser:
     remove_node.add_argument("--id", required=True)
     remove_node.add_argument("--timeout", type=float, default=10.0)
     for c, func in ((add_node, cmd_add_node), (remove_node, cmd_remove_node)):
-        c.add_argument("--dir", default=DEFAULT_DIR)
-        c.add_argument("--addr", help="HOST:PORT[,HOST:PORT...] of any members")
-        c.add_argument("--token-file", help="an admin token (default: $SAGA_TOKEN)")
-        c.add_argument("--tls-ca", help="talk TLS, trusting this PEM CA")
-        c.add_argument("--tls-cert", help="client certificate (nodes with mutual TLS)")
-        c.add_argument("--tls-key", help="the client certificate's key")
+        _node_flags(c, "an admin token")
         c.set_defaults(func=func)
 
     certs = top.add_parser("certs", help="development TLS certificates")
@@ -464,12 +450,7 @@ def parser() -> argparse.ArgumentParser:
 
     def add(name: str, text: str) -> argparse.ArgumentParser:
         c = ssub.add_parser(name, help=text)
-        c.add_argument("--dir", default=DEFAULT_DIR)
-        c.add_argument("--addr", help="HOST:PORT[,HOST:PORT...] of any nodes")
-        c.add_argument("--token-file", help="the caller's token (default: $SAGA_TOKEN)")
-        c.add_argument("--tls-ca", help="talk TLS, trusting this PEM CA")
-        c.add_argument("--tls-cert", help="client certificate (nodes with mutual TLS)")
-        c.add_argument("--tls-key", help="the client certificate's key")
+        _node_flags(c, "the caller's token")
         c.set_defaults(func=cmd_saga)
         return c
 
@@ -511,6 +492,17 @@ def parser() -> argparse.ArgumentParser:
     for plugin in _plugins():
         plugin(top, sub)
     return p
+
+
+def _node_flags(command: argparse.ArgumentParser, token: str) -> None:
+    """How a command reaches the nodes: a local cluster's directory or addresses,
+    the token, TLS."""
+    command.add_argument("--dir", default=DEFAULT_DIR, help="a local cluster's directory")
+    command.add_argument("--addr", help="HOST:PORT[,HOST:PORT...] of any nodes")
+    command.add_argument("--token-file", help=f"{token} (default: $SAGA_TOKEN)")
+    command.add_argument("--tls-ca", help="talk TLS, trusting this PEM CA")
+    command.add_argument("--tls-cert", help="client certificate (nodes with mutual TLS)")
+    command.add_argument("--tls-key", help="the client certificate's key")
 
 
 def _plugins() -> list[Callable[..., None]]:

@@ -4,12 +4,10 @@ guarantee at the participants and identical replicas."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import grpc
 import pytest
 from saga.v1 import cluster_pb2, sagas_pb2
+from test_membership import steady_load
 from test_sagas import check_guarantee
 
 from cluster.client.saga_client import SagaClient
@@ -19,10 +17,6 @@ from cluster.testkit.travel import TravelParticipants, travel_definition
 
 pytestmark = pytest.mark.cluster
 
-CLIENTS = 4
-MAX_SAGAS_PER_CLIENT = 400  # the load stops with the restart, or here
-LOAD_DEADLINE_S = 120.0
-
 
 def test_a_rolling_restart_under_load_fails_no_saga(tmp_path) -> None:
     parts = TravelParticipants(str(tmp_path / "parts"))
@@ -30,33 +24,10 @@ def test_a_rolling_restart_under_load_fails_no_saga(tmp_path) -> None:
     with parts, cluster.running():
         definition = travel_definition(parts.endpoints)
         addrs = [s.grpc_addr for s in cluster.specs.values()]
-        results: dict[str, int | str] = {}
-        stop = threading.Event()
-
-        def client(k: int) -> None:
-            deadline = time.monotonic() + LOAD_DEADLINE_S
-            with SagaClient(addrs, token=cluster.tokens["client"], retry_deadline_s=30) as c:
-                for i in range(MAX_SAGAS_PER_CLIENT):
-                    if stop.is_set() or time.monotonic() > deadline:
-                        return
-                    saga_id = f"roll-{k}-{i}"
-                    try:
-                        results[saga_id] = c.run(definition, b"{}", saga_id, timeout_s=30).state
-                    except (grpc.RpcError, TimeoutError) as exc:
-                        results[saga_id] = f"failed: {exc}"
-
-        load = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
-        for t in load:
-            t.start()
-        try:
-            time.sleep(1.0)  # the load is running before the first node stops
+        with steady_load(addrs, cluster.tokens["client"], definition, "roll") as results:
             before = len(results)
             order = rolling_restart(InProcess(cluster), log=print)
             during = len(results) - before
-        finally:
-            stop.set()
-            for t in load:
-                t.join(60)
         assert len(order) == 3 and order[-1] != order[0]
         failed = {s: r for s, r in results.items() if r != sagas_pb2.COMPLETED}
         assert not failed, failed
