@@ -30,7 +30,7 @@ from rich.progress import Progress
 from cluster.client.sagactl import CONSOLE, DEFAULT_DIR, status_table
 from cluster.localstate import STATE_FILE
 from cluster.testkit.groups import ShardedCluster, group_dirs
-from cluster.testkit.launcher import LocalCluster, load_state
+from cluster.testkit.launcher import LocalCluster, NodeSpec, load_state
 from cluster.testkit.rolling import pid_alive
 from cluster.testkit.travel import TravelParticipants, travel_definition
 
@@ -91,7 +91,7 @@ def add_commands(top: Any, cluster: Any) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     if os.path.exists(os.path.join(args.dir, STATE_FILE)):
-        alive = [s for s in load_state(args.dir) if s.pid and pid_alive(s.pid)]
+        alive = [s for s in local_nodes(args.dir) if s.pid and pid_alive(s.pid)]
         if alive:
             print(
                 f"sagactl: a cluster is already running in {args.dir!r} "
@@ -143,8 +143,14 @@ def cmd_rolling_restart(args: argparse.Namespace) -> int:
     return 0
 
 
+def local_nodes(base_dir: str) -> list[NodeSpec]:
+    """Every node of the local cluster in `base_dir`, as its group's state file
+    has it now (a rolling restart gives nodes new pids there)."""
+    return [spec for group in group_dirs(base_dir) for spec in load_state(group)]
+
+
 def cmd_down(args: argparse.Namespace) -> int:
-    specs = load_state(args.dir)
+    specs = local_nodes(args.dir)
     for spec in specs:
         if spec.pid and pid_alive(spec.pid):
             os.kill(spec.pid, signal.SIGTERM)

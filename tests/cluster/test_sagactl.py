@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
+from cluster.testkit.commands import local_nodes
 from cluster.testkit.launcher import LocalCluster
+from cluster.testkit.rolling import pid_alive
 
 pytestmark = pytest.mark.cluster
 
@@ -85,3 +87,21 @@ def test_sagactl_adds_a_started_node_and_removes_the_leader(tmp_path) -> None:
             tmp_path, "cluster", "remove-node", "--addr", addr, "--id", "n4", check=False
         )
         assert refused.returncode != 0 and "at least 3 members" in refused.stderr
+
+
+def test_a_cluster_of_two_groups_goes_up_restarts_and_comes_down_whole(tmp_path) -> None:
+    data = str(tmp_path / "g")
+    try:
+        up = sagactl(tmp_path, "cluster", "up", "--groups", "2", "--dir", data)
+        assert "group 0: leader" in up.stdout and "group 1: leader" in up.stdout
+        status = sagactl(tmp_path, "cluster", "status", "--dir", data)
+        assert "group 0 (hash 0x00000000-0x7fffffff)" in status.stdout
+        assert status.stdout.count("in office") == 2
+        rolled = sagactl(tmp_path, "cluster", "rolling-restart", "--dir", data)
+        assert rolled.stdout.count("restarted and serving") == 6, rolled.stdout
+    finally:
+        down = sagactl(tmp_path, "cluster", "down", "--dir", data, check=False)
+    assert "stopped 6 nodes" in down.stdout, down.stdout + down.stderr
+    # The restarted processes too: each group's state file has their pids.
+    running = [s.pid for s in local_nodes(data) if pid_alive(s.pid)]
+    assert running == []
