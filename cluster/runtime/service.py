@@ -336,10 +336,12 @@ class ClusterService(cluster_pb2_grpc.ClusterServicer):
             return cluster_pb2.MembershipReply(members=self._members(raft))  # a retry
         for address in members:
             node_id, grpc_addr = self.member_at(address)
-            if request.raft_addr == address or (request.node_id, request.grpc_addr) in (
-                (node_id, request.grpc_addr),
-                (request.node_id, grpc_addr),
-            ):
+            clash = (
+                address == request.raft_addr
+                or node_id == request.node_id
+                or grpc_addr == request.grpc_addr
+            )
+            if clash:
                 context.abort(
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"member {node_id} ({address}, {grpc_addr}) has this id or an address",

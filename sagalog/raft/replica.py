@@ -230,16 +230,12 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         members = self._journal.members()
         self._members = members
         others: set[Any] = self._SyncObj__otherNodes  # type: ignore[has-type]
-        transport = self._SyncObj__transport
         now = raft_clock()
         current = {n.id: n for n in others}
         for address in current.keys() - members.keys():
             node = current[address]
             others.discard(node)
-            self._SyncObj__raftNextIndex.pop(node, None)
-            self._SyncObj__raftMatchIndex.pop(node, None)
-            self._SyncObj__connectedNodes.discard(node)
-            transport.dropNode(node)
+            self._unlink(node)
             log.info("raft: %s left the configuration", address)
         for address in members.keys() - current.keys() - {self._self_node.id}:
             node = self._learners.pop(address, None)
@@ -247,9 +243,7 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
                 self._SyncObj__readonlyNodes.discard(node)
             else:
                 node = members[address]
-                transport.addNode(node)
-                self._SyncObj__raftNextIndex[node] = self._SyncObj__getCurrentLogIndex() + 1
-                self._SyncObj__raftMatchIndex[node] = 0
+                self._link(node)
             others.add(node)
             self._SyncObj__lastResponseTime[node] = now
             log.info("raft: %s joined the configuration", address)
@@ -336,10 +330,8 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
             kind, node = self._learner_requests.popleft()
             if kind == ADD and leading and node.id not in self._members:
                 if node.id not in self._learners:
-                    self._SyncObj__transport.addNode(node)
+                    self._link(node)
                     self._SyncObj__readonlyNodes.add(node)
-                    self._SyncObj__raftNextIndex[node] = self._SyncObj__getCurrentLogIndex() + 1
-                    self._SyncObj__raftMatchIndex[node] = 0
                     self._learners[node.id] = node
                     log.info("raft: replicating to learner %s", node.id)
             elif kind == REMOVE:
@@ -353,11 +345,22 @@ class SagaLogRaft(EncryptedFrames, SyncObj):  # type: ignore[misc]
         if node is None:
             return
         self._SyncObj__readonlyNodes.discard(node)
+        self._unlink(node)
+        log.info("raft: stopped replicating to learner %s", address)
+
+    def _link(self, node: TCPNode) -> None:
+        """Raft thread: connect to `node` and replicate to it from this log's end
+        (its answers move the next index back to where its log ends)."""
+        self._SyncObj__transport.addNode(node)
+        self._SyncObj__raftNextIndex[node] = self._SyncObj__getCurrentLogIndex() + 1
+        self._SyncObj__raftMatchIndex[node] = 0
+
+    def _unlink(self, node: TCPNode) -> None:
+        """Raft thread: stop replicating to `node` and close its link."""
         self._SyncObj__raftNextIndex.pop(node, None)
         self._SyncObj__raftMatchIndex.pop(node, None)
         self._SyncObj__connectedNodes.discard(node)
         self._SyncObj__transport.dropNode(node)
-        log.info("raft: stopped replicating to learner %s", address)
 
     def _wake(self) -> None:
         notifier = getattr(self, "_SyncObj__pipeNotifier", None)
