@@ -149,37 +149,71 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 1
 
 
-def _on_leader(args: argparse.Namespace, method: str, request: Any, timeout_s: float) -> Any:
-    """A Cluster call on the leader the given nodes name (asked again where
-    leadership moved meanwhile)."""
-    addrs = _addresses(args)
-    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
-    meta = auth.bearer(_token(args))
+def on_leader(
+    addrs: list[str],
+    tls: TlsFiles | None,
+    metadata: list[tuple[str, str]],
+    method: str,
+    request: Any,
+    timeout_s: float,
+) -> Any:
+    """A Cluster call on the leader the nodes at `addrs` name, asked again where
+    leadership moved meanwhile (or the leader died, or is taking office).
+    grpc.RpcError for any other refusal; TimeoutError when no leader answered
+    within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
-        replies = [r for r in (node_status(a, tls, meta) for a in addrs) if r is not None]
+        replies = [r for r in (node_status(a, tls, metadata) for a in addrs) if r is not None]
         leader = next((r.leader_grpc_addr for r in replies if r.leader_grpc_addr), None)
-        if leader is None:
-            if time.monotonic() > deadline:
-                raise SystemExit("sagactl: no leader is known to the given nodes")
-            time.sleep(0.2)
-            continue
-        with channel_to(leader, tls) as channel:
-            try:
-                return getattr(cluster_pb2_grpc.ClusterStub(channel), method)(
-                    request, timeout=timeout_s + 5, metadata=meta
-                )
-            except grpc.RpcError as exc:
-                # Leadership moved, or the leader died or is taking office: ask again.
-                moved = exc.code() == grpc.StatusCode.UNAVAILABLE or "not the leader" in (
-                    exc.details() or ""
-                )
-                if not moved or time.monotonic() > deadline:
-                    raise SystemExit(
-                        f"sagactl: {method} failed: {exc.code().name}: {exc.details()}"
-                    ) from None
-        addrs = [leader, *(a for a in addrs if a != leader)]
+        if leader is not None:
+            with channel_to(leader, tls) as channel:
+                try:
+                    return getattr(cluster_pb2_grpc.ClusterStub(channel), method)(
+                        request, timeout=timeout_s + 5, metadata=metadata
+                    )
+                except grpc.RpcError as exc:
+                    moved = exc.code() == grpc.StatusCode.UNAVAILABLE or "not the leader" in (
+                        exc.details() or ""
+                    )
+                    if not moved or time.monotonic() > deadline:
+                        raise
+            addrs = [leader, *(a for a in addrs if a != leader)]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no leader answered {method} within {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+def remove_member(
+    addrs: list[str],
+    tls: TlsFiles | None,
+    metadata: list[tuple[str, str]],
+    node_id: str,
+    timeout_s: float,
+) -> cluster_pb2.MembershipReply:
+    """Cluster.RemoveNode through the leader; when the node to remove is the leader,
+    it hands leadership over first (a leader never removes itself)."""
+    timeout_ms = int(timeout_s * 1000)
+    request = cluster_pb2.RemoveNodeRequest(node_id=node_id, timeout_ms=timeout_ms)
+    try:
+        return on_leader(addrs, tls, metadata, "RemoveNode", request, timeout_s)
+    except grpc.RpcError as exc:
+        if "transfer leadership first" not in (exc.details() or ""):
+            raise
+    transfer = cluster_pb2.TransferLeadershipRequest(timeout_ms=timeout_ms)
+    on_leader(addrs, tls, metadata, "TransferLeadership", transfer, timeout_s)
+    return on_leader(addrs, tls, metadata, "RemoveNode", request, timeout_s)
+
+
+def _on_leader_or_exit(args: argparse.Namespace, call: Callable[..., Any], *rest: Any) -> Any:
+    """`call(addrs, tls, metadata, *rest)` with the command's nodes and
+    credentials; a refusal or no leader ends sagactl with the reason."""
+    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+    try:
+        return call(_addresses(args), tls, auth.bearer(_token(args)), *rest)
+    except grpc.RpcError as exc:
+        raise SystemExit(f"sagactl: {exc.code().name}: {exc.details()}") from None
+    except TimeoutError as exc:
+        raise SystemExit(f"sagactl: {exc}") from None
 
 
 def _print_members(reply: cluster_pb2.MembershipReply) -> None:
@@ -194,22 +228,12 @@ def cmd_add_node(args: argparse.Namespace) -> int:
         grpc_addr=args.grpc_addr,
         timeout_ms=int(args.timeout * 1000),
     )
-    _print_members(_on_leader(args, "AddNode", request, args.timeout))
+    _print_members(_on_leader_or_exit(args, on_leader, "AddNode", request, args.timeout))
     return 0
 
 
 def cmd_remove_node(args: argparse.Namespace) -> int:
-    timeout_ms = int(args.timeout * 1000)
-    addrs = _addresses(args)
-    tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
-    meta = auth.bearer(_token(args))
-    status = next((r for r in (node_status(a, tls, meta) for a in addrs) if r is not None), None)
-    if status is not None and status.leader_id == args.id:
-        # The leader cannot remove itself: it hands leadership over first.
-        transfer = cluster_pb2.TransferLeadershipRequest(timeout_ms=timeout_ms)
-        _on_leader(args, "TransferLeadership", transfer, args.timeout)
-    request = cluster_pb2.RemoveNodeRequest(node_id=args.id, timeout_ms=timeout_ms)
-    _print_members(_on_leader(args, "RemoveNode", request, args.timeout))
+    _print_members(_on_leader_or_exit(args, remove_member, args.id, args.timeout))
     print(f"node {args.id} no longer votes; stop its process")
     return 0
 

@@ -22,11 +22,13 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import grpc
 from saga.v1 import cluster_pb2, cluster_pb2_grpc
 
 from cluster import auth as auth_mod
+from cluster.client.sagactl import on_leader, remove_member
 from cluster.grpcutil import channel_to
 from cluster.localstate import STATE_FILE
 from cluster.tls import TlsFiles, dev_files, make_dev_certs
@@ -325,35 +327,21 @@ class LocalCluster:
     def remove_node(self, node_id: str, timeout_s: float = 10.0) -> cluster_pb2.MembershipReply:
         """Remove a member through the leader (handing leadership over first when
         it is the one to go), then stop its process."""
-        leader = self.wait_for_leader(timeout_s).id
-        if leader == node_id:
-            request = cluster_pb2.TransferLeadershipRequest(timeout_ms=int(timeout_s * 1000))
-            self.stub(leader).TransferLeadership(
-                request, timeout=timeout_s + 5, metadata=self.metadata
-            )
-        request = cluster_pb2.RemoveNodeRequest(node_id=node_id, timeout_ms=int(timeout_s * 1000))
-        reply = self._on_leader("RemoveNode", request, timeout_s + 5)
+        reply = remove_member(
+            self._live_members(), self.client_tls, self.metadata, node_id, timeout_s
+        )
         self.members.remove(node_id)
         self.kill(node_id, signal.SIGTERM)
         return reply
 
-    def _on_leader(self, method: str, request: object, timeout_s: float) -> object:
+    def _on_leader(self, method: str, request: object, timeout_s: float) -> Any:
         """A Cluster call on the leader, asked again where leadership moved."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            leader = self.wait_for_leader(max(1.0, deadline - time.monotonic())).id
-            try:
-                return getattr(self.stub(leader), method)(
-                    request, timeout=max(1.0, deadline - time.monotonic()), metadata=self.metadata
-                )
-            except grpc.RpcError as exc:
-                moved = exc.code() == grpc.StatusCode.UNAVAILABLE or (
-                    exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-                    and "not the leader" in (exc.details() or "")
-                )
-                if not moved or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.1)
+        return on_leader(
+            self._live_members(), self.client_tls, self.metadata, method, request, timeout_s
+        )
+
+    def _live_members(self) -> list[str]:
+        return [self.specs[n].grpc_addr for n in self.members if self.alive(n)]
 
     def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.get(node_id)
