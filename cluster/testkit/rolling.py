@@ -64,7 +64,7 @@ class InProcess:
         self.metadata = cluster.metadata
 
     def ids(self) -> list[str]:
-        return list(self._cluster.specs)
+        return list(self._cluster.members)  # a removed node is not restarted
 
     def grpc_addr(self, node_id: str) -> str:
         return self._cluster.specs[node_id].grpc_addr
