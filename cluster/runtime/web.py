@@ -201,24 +201,25 @@ class WebGateway:
         except grpc.RpcError as exc:
             raise _Refused(exc) from None
 
-    def _members(self, request: Request) -> list[tuple[str, grpc.Channel]]:
-        """(id, channel) of each member this node knows (and of itself), by id."""
+    def _peer_channel(self, addr: str) -> grpc.Channel:
+        with self._channels_lock:
+            channel = self._peer_channels.get(addr)
+            if channel is None:
+                channel = self._peer_channels[addr] = channel_to(addr, node_tls(self._config))
+            return channel
+
+    def _cluster(self, request: Request) -> Response:
+        # This node's Status names the members (they change at run time) and is its
+        # own row; every other member is asked for its own.
         own = self._call(
             cluster_pb2_grpc.ClusterStub(self._channel).Status, cluster_pb2.StatusRequest(), request
         )
-        others = [(m.id, m.grpc_addr) for m in own.members if m.id != self._config.id]
-        members = sorted([(self._config.id, self._config.grpc_addr), *others])
-        with self._channels_lock:
-            for _, addr in members:
-                if addr and addr not in self._peer_channels:
-                    self._peer_channels[addr] = channel_to(addr, node_tls(self._config))
-            return [(node_id, self._peer_channels[addr]) for node_id, addr in members if addr]
-
-    def _cluster(self, request: Request) -> Response:
-        nodes = []
-        for node_id, channel in self._members(request):
+        nodes = [_node_row(own)]
+        for member in own.members:
+            if member.id == self._config.id or not member.grpc_addr:
+                continue
             try:
-                status = cluster_pb2_grpc.ClusterStub(channel).Status(
+                status = cluster_pb2_grpc.ClusterStub(self._peer_channel(member.grpc_addr)).Status(
                     cluster_pb2.StatusRequest(),
                     timeout=STATUS_TIMEOUT_S,
                     metadata=self._metadata(request),
@@ -229,22 +230,10 @@ class WebGateway:
                     grpc.StatusCode.PERMISSION_DENIED,
                 ):
                     return _error(_HTTP_STATUS[exc.code()], exc.details() or exc.code().name)
-                nodes.append({"id": node_id, "reachable": False, "error": exc.code().name})
+                nodes.append({"id": member.id, "reachable": False, "error": exc.code().name})
                 continue
-            nodes.append(
-                {
-                    "id": status.id,
-                    "reachable": True,
-                    "role": cluster_pb2.Role.Name(status.role).lower(),
-                    "term": status.term,
-                    "epoch": status.epoch,
-                    "commit_index": status.commit_index,
-                    "applied_index": status.applied_index,
-                    "leader_id": status.leader_id,
-                    "in_office": status.in_office,
-                    "ready": status.ready,
-                }
-            )
+            nodes.append(_node_row(status))
+        nodes.sort(key=lambda row: row["id"])
         return _json({"served_by": self._config.id, "nodes": nodes})
 
     def _list(self, request: Request) -> Response:
@@ -393,6 +382,22 @@ class _Refused(Exception):
         self.status = _HTTP_STATUS.get(exc.code(), 502)
         self.message = exc.details() or exc.code().name
         super().__init__(self.message)
+
+
+def _node_row(status: cluster_pb2.StatusReply) -> dict[str, Any]:
+    """A node's row in the cluster table, from its own Status."""
+    return {
+        "id": status.id,
+        "reachable": True,
+        "role": cluster_pb2.Role.Name(status.role).lower(),
+        "term": status.term,
+        "epoch": status.epoch,
+        "commit_index": status.commit_index,
+        "applied_index": status.applied_index,
+        "leader_id": status.leader_id,
+        "in_office": status.in_office,
+        "ready": status.ready,
+    }
 
 
 def _answering_refusals(handler: Handler) -> Handler:
