@@ -28,8 +28,8 @@ from google.protobuf import json_format
 from rich.progress import Progress
 
 from cluster.client.sagactl import CONSOLE, DEFAULT_DIR, status_table
-from cluster.localstate import STATE_FILE
-from cluster.testkit.groups import ShardedCluster, group_dirs
+from cluster.localstate import STATE_FILE, group_dirs
+from cluster.testkit.groups import ShardedCluster
 from cluster.testkit.launcher import LocalCluster, NodeSpec, load_state
 from cluster.testkit.rolling import pid_alive
 from cluster.testkit.travel import TravelParticipants, travel_definition

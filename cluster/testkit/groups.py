@@ -4,8 +4,9 @@ Group i lives in `<base>/g<i>` with node ids `g<i>-n1`, `g<i>-n2`, ... All group
 share one Raft password, one auth file and one set of TLS certificates (a node
 sends a call about another group's saga on to that group with the caller's token,
 over TLS), and one shard map, `<base>/shards.json`, cutting the hash space in
-equal ranges. `<base>/cluster.json` lists every node of every group, so `sagactl`
-finds them all (and `sagactl cluster down` stops them all).
+equal ranges. `<base>/cluster.json` names the groups' directories, whose own
+state files list their nodes (`cluster.localstate.group_dirs`), so `sagactl` finds
+them all and `sagactl cluster down` stops them all.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any
 
 from saga.v1 import cluster_pb2
@@ -81,11 +81,11 @@ class ShardedCluster:
         self.save_state()
 
     def save_state(self) -> None:
-        """Every node of every group, and where each group's own state file is."""
-        nodes = [asdict(s) for g in self.groups for s in g.specs.values()]
+        """Where each group's own state file is: the nodes are recorded there only
+        (a rolling restart updates a group's file; a copy here would go stale)."""
         groups = [os.path.basename(g.base_dir) for g in self.groups]
         with open(os.path.join(self.base_dir, STATE_FILE), "w") as f:
-            json.dump({"nodes": nodes, "groups": groups}, f, indent=2)
+            json.dump({"groups": groups}, f, indent=2)
 
     def wait_for_leaders(self, timeout_s: float = 15.0) -> list[cluster_pb2.StatusReply]:
         """Each group's leader, once in office."""
@@ -110,11 +110,3 @@ class ShardedCluster:
             raise
         finally:
             self.stop_all()
-
-
-def group_dirs(base_dir: str) -> list[str]:
-    """The group directories of the local cluster in `base_dir` ([base_dir] itself
-    for a cluster of one group)."""
-    with open(os.path.join(base_dir, STATE_FILE)) as f:
-        groups = json.load(f).get("groups")
-    return [os.path.join(base_dir, g) for g in groups] if groups else [base_dir]
